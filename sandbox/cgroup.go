@@ -1,0 +1,404 @@
+package sandbox
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// CgroupMode says how the jail's memory, process and CPU limits are enforced on this host.
+type CgroupMode string
+
+const (
+	CgroupV1   CgroupMode = "cgroup-v1"
+	CgroupV2   CgroupMode = "cgroup-v2"
+	CgroupNone CgroupMode = "rlimits" // no usable cgroups: RLIMIT_AS and RLIMIT_NPROC instead
+)
+
+// The Go side owns the jail's cgroup rather than letting nsjail make one, because it must read the cgroup's
+// events (was the OOM killer or the process limit involved?) after the jail has ended, and be able to kill
+// everything in it at the deadline. nsjail removes its own cgroup before anyone could read it.
+type cgroups struct {
+	mode CgroupMode
+	// v1: controller name -> directory under which each jail gets a child ("…/memory/safepy").
+	v1 map[string]string
+	// v1: controller name -> the directory this process's threads return to after starting a jail.
+	v1home map[string]string
+	// v2: the directory under which each jail gets a child.
+	v2 string
+}
+
+var v1Controllers = []string{"memory", "pids", "cpu"}
+
+// detectCgroups finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it.
+// want is "auto", "v1", "v2" or "none". With "auto" it prefers v2, then v1, then rlimits.
+func detectCgroups(want string, l Limits) (*cgroups, error) {
+	mounts, err := cgroupMounts()
+	if err != nil && want != "none" {
+		return nil, err
+	}
+	try := []CgroupMode{CgroupV2, CgroupV1}
+	switch want {
+	case "", "auto":
+	case "v1":
+		try = []CgroupMode{CgroupV1}
+	case "v2":
+		try = []CgroupMode{CgroupV2}
+	case "none":
+		return &cgroups{mode: CgroupNone}, nil
+	default:
+		return nil, fmt.Errorf("unknown cgroup mode %q (want auto, v1, v2 or none)", want)
+	}
+	var errs []error
+	for _, mode := range try {
+		var cg *cgroups
+		var err error
+		if mode == CgroupV2 {
+			cg, err = setupV2(mounts)
+		} else {
+			cg, err = setupV1(mounts)
+		}
+		if err == nil {
+			// Prove it works before relying on it: a cgroup with the real limits, created and removed.
+			var probe *jailCgroup
+			if probe, err = cg.create("probe-"+strconv.Itoa(os.Getpid()), l); err == nil {
+				err = probe.remove()
+			}
+		}
+		if err == nil {
+			return cg, nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", mode, err))
+	}
+	if want == "auto" || want == "" {
+		return &cgroups{mode: CgroupNone}, errors.Join(errs...)
+	}
+	return nil, errors.Join(errs...)
+}
+
+type cgroupMount struct {
+	fstype string
+	dir    string
+	opts   map[string]bool
+}
+
+func cgroupMounts() ([]cgroupMount, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []cgroupMount
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		pf, qf := strings.Fields(pre), strings.Fields(post)
+		if len(pf) < 5 || len(qf) < 3 || (qf[0] != "cgroup" && qf[0] != "cgroup2") {
+			continue
+		}
+		m := cgroupMount{fstype: qf[0], dir: pf[4], opts: map[string]bool{}}
+		for _, o := range strings.Split(qf[2], ",") {
+			m.opts[o] = true
+		}
+		out = append(out, m)
+	}
+	return out, sc.Err()
+}
+
+// ownCgroups maps controller (or "" for v2) to this process's path in that hierarchy.
+func ownCgroups() (map[string]string, error) {
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			out[c] = parts[2]
+		}
+	}
+	return out, nil
+}
+
+func setupV1(mounts []cgroupMount) (*cgroups, error) {
+	own, err := ownCgroups()
+	if err != nil {
+		return nil, err
+	}
+	cg := &cgroups{mode: CgroupV1, v1: map[string]string{}, v1home: map[string]string{}}
+	for _, ctrl := range v1Controllers {
+		for _, m := range mounts {
+			if m.fstype == "cgroup" && m.opts[ctrl] {
+				home := filepath.Join(m.dir, own[ctrl])
+				if _, err := os.Stat(home); err != nil {
+					home = m.dir // inside a cgroup namespace the path may be relative to the mount already
+				}
+				cg.v1home[ctrl] = home
+				cg.v1[ctrl] = filepath.Join(home, "safepy")
+				break
+			}
+		}
+		if cg.v1[ctrl] == "" {
+			return nil, fmt.Errorf("no cgroup v1 %s controller is mounted", ctrl)
+		}
+		if err := os.MkdirAll(cg.v1[ctrl], 0o755); err != nil {
+			return nil, err
+		}
+	}
+	return cg, nil
+}
+
+func setupV2(mounts []cgroupMount) (*cgroups, error) {
+	var root string
+	for _, m := range mounts {
+		if m.fstype == "cgroup2" {
+			root = m.dir
+			break
+		}
+	}
+	if root == "" {
+		return nil, errors.New("no cgroup2 file system is mounted")
+	}
+	own, err := ownCgroups()
+	if err != nil {
+		return nil, err
+	}
+	home := filepath.Join(root, own[""])
+	if _, err := os.Stat(filepath.Join(home, "cgroup.controllers")); err != nil {
+		home = root
+	}
+	want := "+memory +pids +cpu"
+	// cgroup v2 lets a cgroup either hold processes or delegate controllers to children, not both. If this
+	// process's cgroup holds processes (it does, it holds us), move them into a leaf of their own first.
+	if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
+		leaf := filepath.Join(home, "server")
+		if err := os.MkdirAll(leaf, 0o755); err != nil {
+			return nil, err
+		}
+		procs, _ := os.ReadFile(filepath.Join(home, "cgroup.procs"))
+		for _, pid := range strings.Fields(string(procs)) {
+			_ = writeFile(filepath.Join(leaf, "cgroup.procs"), pid)
+		}
+		if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
+			return nil, fmt.Errorf("enabling memory, pids and cpu controllers in %s: %w", home, err)
+		}
+	}
+	base := filepath.Join(home, "safepy")
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		return nil, err
+	}
+	if err := writeFile(filepath.Join(base, "cgroup.subtree_control"), want); err != nil {
+		return nil, fmt.Errorf("enabling controllers in %s: %w", base, err)
+	}
+	return &cgroups{mode: CgroupV2, v2: base}, nil
+}
+
+// jailCgroup is the cgroup of one jail: one directory per controller on v1, one directory on v2.
+type jailCgroup struct {
+	mode   CgroupMode
+	dirs   map[string]string // controller -> directory (v2: "" -> directory)
+	v1home map[string]string
+}
+
+func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
+	j := &jailCgroup{mode: c.mode, dirs: map[string]string{}, v1home: c.v1home}
+	var settings [][2]string
+	switch c.mode {
+	case CgroupNone:
+		return nil, nil
+	case CgroupV1:
+		for ctrl, base := range c.v1 {
+			j.dirs[ctrl] = filepath.Join(base, id)
+		}
+		period := int64(100000)
+		settings = [][2]string{
+			{j.dirs["memory"] + "/memory.limit_in_bytes", strconv.FormatInt(l.MemoryBytes, 10)},
+			{j.dirs["memory"] + "/memory.swappiness", "0"},
+			{j.dirs["pids"] + "/pids.max", strconv.FormatInt(l.Processes, 10)},
+			{j.dirs["cpu"] + "/cpu.cfs_period_us", strconv.FormatInt(period, 10)},
+			{j.dirs["cpu"] + "/cpu.cfs_quota_us", strconv.FormatInt(period*l.CPUMsPerSec/1000, 10)},
+		}
+	case CgroupV2:
+		dir := filepath.Join(c.v2, id)
+		j.dirs[""] = dir
+		settings = [][2]string{
+			{dir + "/memory.max", strconv.FormatInt(l.MemoryBytes, 10)},
+			{dir + "/memory.swap.max", "0"},
+			{dir + "/pids.max", strconv.FormatInt(l.Processes, 10)},
+			{dir + "/cpu.max", fmt.Sprintf("%d 100000", 100*l.CPUMsPerSec)},
+		}
+	}
+	for _, dir := range j.dirs {
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			_ = j.remove()
+			return nil, err
+		}
+	}
+	for _, s := range settings {
+		if err := writeFile(s[0], s[1]); err != nil {
+			optional := strings.HasSuffix(s[0], "swap.max") || strings.HasSuffix(s[0], "swappiness")
+			if optional && (errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrInvalid)) {
+				continue // no swap accounting on this kernel: there is no swap to limit
+			}
+			_ = j.remove()
+			return nil, fmt.Errorf("setting %s: %w", s[0], err)
+		}
+	}
+	return j, nil
+}
+
+// start starts cmd so that its first process, and so everything it forks, is born inside the cgroup: there is no
+// moment in which a jailed process runs outside its limits.
+func (j *jailCgroup) start(cmd *exec.Cmd) error {
+	if j == nil {
+		return cmd.Start()
+	}
+	if j.mode == CgroupV2 {
+		fd, err := syscall.Open(j.dirs[""], syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer syscall.Close(fd)
+		if cmd.SysProcAttr == nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = fd
+		return cmd.Start()
+	}
+	// cgroup v1 places threads, not processes: move one locked OS thread into the jail's cgroups, fork from it,
+	// and move it back. The Go runtime never clones a new thread from a locked one, so nothing else follows it.
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		tid := strconv.Itoa(syscall.Gettid())
+		if err := j.moveThread(tid, j.dirs); err != nil {
+			if j.moveThread(tid, j.v1home) == nil {
+				runtime.UnlockOSThread()
+			}
+			done <- err
+			return
+		}
+		err := cmd.Start()
+		if j.moveThread(tid, j.v1home) == nil {
+			runtime.UnlockOSThread()
+		} // else: the goroutine ends locked, and the runtime retires the thread with it
+		done <- err
+	}()
+	return <-done
+}
+
+func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
+	for _, ctrl := range v1Controllers {
+		if err := writeFile(filepath.Join(dirs[ctrl], "tasks"), tid); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// killAll kills every process left in the cgroup and waits until it is empty.
+func (j *jailCgroup) killAll() {
+	if j == nil {
+		return
+	}
+	if j.mode == CgroupV2 {
+		_ = writeFile(filepath.Join(j.dirs[""], "cgroup.kill"), "1") // kernels since 5.14; the loop covers older ones
+	}
+	for i := 0; i < 2000; i++ {
+		left := false
+		for _, dir := range j.dirs {
+			data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+			if err != nil {
+				continue
+			}
+			for _, f := range strings.Fields(string(data)) {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+					left = true
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+		if !left {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// events reports whether the OOM killer ran in the cgroup and whether a fork was refused by its process limit.
+func (j *jailCgroup) events() (oomKilled, pidsMax bool) {
+	if j == nil {
+		return false, false
+	}
+	memFile, pidsFile := filepath.Join(j.dirs[""], "memory.events"), filepath.Join(j.dirs[""], "pids.events")
+	if j.mode == CgroupV1 {
+		memFile, pidsFile = filepath.Join(j.dirs["memory"], "memory.oom_control"), filepath.Join(j.dirs["pids"], "pids.events")
+	}
+	return counter(memFile, "oom_kill") > 0, counter(pidsFile, "max") > 0
+}
+
+func counter(path, key string) int64 {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if k, v, ok := strings.Cut(line, " "); ok && k == key {
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// remove kills what is left and removes the cgroup's directories.
+func (j *jailCgroup) remove() error {
+	if j == nil {
+		return nil
+	}
+	j.killAll()
+	var errs []error
+	for _, dir := range j.dirs {
+		var err error
+		for i := 0; i < 200; i++ { // rmdir is refused while a killed task is still exiting
+			if err = os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func writeFile(path, value string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(value)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}

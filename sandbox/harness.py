@@ -1,0 +1,155 @@
+# The harness: the first and only program the jail starts. It is embedded in the Go binary, which writes it to a
+# private file at start-up; the jail mounts that one file read-only at /safepy/harness.py.
+#
+# Channels (file descriptors set up by the Go side and passed through nsjail):
+#   3  the script's source; read to EOF, then closed.
+#   4  the result channel: one byte b"S" once the interpreter is up, then exactly one frame:
+#        b"R" + the JSON text of main()'s return value, or
+#        b"E" + a JSON object {"kind", "type", "message", "traceback", "errno"}.
+#   1, 2  the script's stdout and stderr; the Go side captures them at the descriptor level.
+#
+# Process layout: this process is PID 1 of the jail's PID namespace. It forks once; the child runs the script, and
+# PID 1 stays behind as a minimal init: it reaps orphans (so zombies never fill the process limit) and, when the
+# script's process ends, exits with a status that encodes how it ended (the exit code, or 128 + the signal). The
+# kernel then kills every other process in the namespace. A signal the script sends to itself therefore behaves as
+# it would outside a container, which it would not if the script ran as PID 1.
+import os
+import sys
+
+SCRIPT_FD, RESULT_FD = 3, 4
+PRELOAD = sys.argv[1:]  # modules to import before the script arrives (a warm jail)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def init():
+    import signal
+
+    # As PID 1 we would ignore SIGINT only by kernel rule; make it explicit so no handler of Python's runs here.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        run()  # ends the process itself; SystemExit and the like end it the way Python always does
+        os._exit(70)
+    os.close(SCRIPT_FD)
+    os.close(RESULT_FD)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(71)
+        except InterruptedError:
+            continue
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else min(code, 127))
+
+
+def run():
+    # Keep the result channel away from anything the script starts.
+    os.set_inheritable(RESULT_FD, False)
+    for name in PRELOAD:
+        __import__(name)
+    write_all(RESULT_FD, b"S")
+
+    chunks = []
+    while True:
+        chunk = os.read(SCRIPT_FD, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(SCRIPT_FD)
+    source = b"".join(chunks)
+
+    import json
+    import linecache
+    import traceback
+    import types
+
+    filename = "/sandbox/script.py"
+    owner = os.getpid()
+
+    def describe(exc):
+        try:
+            return str(exc)
+        except Exception:
+            return "<exception text could not be printed>"
+
+    def clip(text, limit=1 << 16):
+        return text if len(text) <= limit else text[:limit] + "\n[... cut at %d characters]" % limit
+
+    def fail(kind, exc=None, message=None):
+        err = {"kind": kind}
+        if exc is not None:
+            err["type"] = type(exc).__name__
+            err["message"] = clip(message or "%s: %s" % (type(exc).__name__, describe(exc)))
+            if kind != "serialization":
+                te = traceback.TracebackException.from_exception(exc)
+                # Drop the harness's own frames: the traceback starts in the script.
+                te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename != __file__])
+                err["traceback"] = clip("".join(te.format()))
+            if isinstance(exc, OSError) and exc.errno is not None:
+                err["errno"] = exc.errno
+        else:
+            err["message"] = message
+        finish(b"E" + json.dumps(err).encode())
+
+    def finish(frame):
+        if os.getpid() != owner:  # a process the script forked got here: only the script's own process answers
+            os._exit(0)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        try:  # what C code buffered with stdio, which os._exit would drop
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        except Exception:
+            pass
+        write_all(RESULT_FD, frame)
+        os._exit(0)
+
+    try:
+        text = source.decode("utf-8")
+        lines = text.splitlines(True)
+        linecache.cache[filename] = (len(text), None, lines, filename)
+        code = compile(text, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, UnicodeDecodeError) as exc:
+        fail("syntax", exc)
+
+    module = types.ModuleType("script")
+    module.__file__ = filename
+    sys.modules["script"] = module
+    try:
+        exec(code, module.__dict__)
+        main = module.__dict__.get("main")
+        if not callable(main):
+            fail("missing_main", message="main() is missing or not callable")
+        result = main()
+    except Exception as exc:
+        fail("exception", exc)
+
+    try:
+        sys.set_int_max_str_digits(0)
+        payload = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        try:
+            data = payload.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: keep them, as JSON escapes
+            data = json.dumps(result, allow_nan=False).encode("ascii")
+    except (TypeError, ValueError, RecursionError, OverflowError) as exc:
+        fail("serialization", exc,
+             "main() must return JSON-serializable data: %s: %s" % (type(exc).__name__, describe(exc)))
+    finish(b"R" + data)
+
+
+init()

@@ -1,0 +1,178 @@
+package sandbox
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Kind is the contract's error type for a script that did not return a result.
+type Kind string
+
+const (
+	ExecutionError     Kind = "ExecutionError"
+	SerializationError Kind = "SerializationError"
+	TimeoutError       Kind = "TimeoutError"
+	ResourceLimitError Kind = "ResourceLimitError"
+)
+
+// Limit names the limit a script ran into, for ResourceLimitError and TimeoutError.
+type Limit string
+
+const (
+	LimitWall      Limit = "wall_time"
+	LimitCPU       Limit = "cpu_time"
+	LimitMemory    Limit = "memory"
+	LimitFileSize  Limit = "file_size"
+	LimitProcesses Limit = "processes"
+	LimitResult    Limit = "result_size"
+	LimitDisk      Limit = "disk"
+)
+
+// ScriptError is a script's failure: something the script did, never a fault of the sandbox.
+type ScriptError struct {
+	Kind      Kind
+	Message   string
+	Traceback string
+	Limit     Limit
+}
+
+func (e *ScriptError) Error() string { return string(e.Kind) + ": " + e.Message }
+
+// ErrSandbox wraps every failure of the sandbox itself (it could not start a jail, the runtime is missing...).
+var ErrSandbox = errors.New("sandbox failure")
+
+// Outcome is what one execution produced. It is filled whenever the script started, also when Run returns a
+// *ScriptError, so the caller can return the script's output with its error.
+type Outcome struct {
+	Result          json.RawMessage // main()'s return value as JSON text, exactly as Python wrote it
+	Stdout          string          // valid UTF-8: invalid bytes replaced with U+FFFD
+	StdoutTruncated bool
+	Stderr          string // for diagnostics only; never returned to a client
+	Started         bool   // the interpreter came up and the script was handed over
+	Timing          Timing
+}
+
+// Timing breaks an execution down. Startup runs from starting nsjail to the interpreter being ready for the
+// script; Run from handing the script over to the jail's end. Limits are counted from the start of Run.
+type Timing struct {
+	Startup time.Duration
+	Run     time.Duration
+}
+
+// observation is everything the Go side saw of one jail, the only input to classify.
+type observation struct {
+	started   bool
+	frame     []byte // the result channel after the start byte
+	truncated bool   // the frame was longer than its cap
+	exitCode  int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
+	timedOut  bool   // the Go side's wall-clock deadline fired
+	oomKilled bool   // the cgroup saw the OOM killer
+	pidsMax   bool   // the cgroup refused a fork at its process limit
+	rlimits   bool   // limits were enforced by rlimits, so there are no cgroup events to read
+}
+
+// errorFrame is what the harness reports when the script did not return a serializable value.
+type errorFrame struct {
+	Kind      string `json:"kind"`
+	Type      string `json:"type"`
+	Message   string `json:"message"`
+	Traceback string `json:"traceback"`
+	Errno     int    `json:"errno"`
+}
+
+// classify decides the outcome from what was observed. Nothing the script printed takes part; the result
+// channel is the harness's, and what the script can forge there only harms its own answer.
+func classify(o observation, l Limits, maxResult int) (json.RawMessage, error) {
+	if !o.started {
+		return nil, fmt.Errorf("%w: the jail did not start (nsjail exit status %d)", ErrSandbox, o.exitCode)
+	}
+	if o.timedOut {
+		return nil, &ScriptError{Kind: TimeoutError, Limit: LimitWall,
+			Message: fmt.Sprintf("the wall-clock limit of %s ran out", l.Wall)}
+	}
+	memory := &ScriptError{Kind: ResourceLimitError, Limit: LimitMemory,
+		Message: fmt.Sprintf("the memory limit of %s was exceeded", mib(l.MemoryBytes))}
+	if len(o.frame) > 0 {
+		switch o.frame[0] {
+		case 'R':
+			if o.truncated || len(o.frame)-1 > maxResult {
+				return nil, &ScriptError{Kind: ResourceLimitError, Limit: LimitResult,
+					Message: fmt.Sprintf("the result is larger than the limit of %d bytes", maxResult)}
+			}
+			raw := bytes.TrimSpace(o.frame[1:])
+			if !json.Valid(raw) {
+				return nil, &ScriptError{Kind: SerializationError,
+					Message: "main() must return JSON-serializable data: the result is not valid JSON (nested too deeply?)"}
+			}
+			return json.RawMessage(raw), nil
+		case 'E':
+			var f errorFrame
+			if o.truncated || json.Unmarshal(o.frame[1:], &f) != nil {
+				break
+			}
+			return nil, frameError(f, o, l, memory)
+		}
+		return nil, &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
+	}
+	// No frame: the script's process ended before main() returned.
+	if o.oomKilled {
+		return nil, memory
+	}
+	if o.exitCode > 128 {
+		sig := syscall.Signal(o.exitCode - 128)
+		switch sig {
+		case syscall.SIGXCPU:
+			return nil, &ScriptError{Kind: TimeoutError, Limit: LimitCPU,
+				Message: fmt.Sprintf("the CPU-time limit of %ds ran out", l.CPUSeconds)}
+		case syscall.SIGXFSZ:
+			return nil, &ScriptError{Kind: ResourceLimitError, Limit: LimitFileSize,
+				Message: fmt.Sprintf("the file size limit of %d MiB was exceeded", l.FileSizeMiB)}
+		}
+		return nil, &ScriptError{Kind: ExecutionError,
+			Message: fmt.Sprintf("the script was killed by signal %d (%s) before main() returned", int(sig), sig)}
+	}
+	return nil, &ScriptError{Kind: ExecutionError,
+		Message: fmt.Sprintf("the script exited with status %d before main() returned", o.exitCode)}
+}
+
+func frameError(f errorFrame, o observation, l Limits, memory *ScriptError) error {
+	e := &ScriptError{Kind: ExecutionError, Message: f.Message, Traceback: f.Traceback}
+	switch f.Kind {
+	case "serialization":
+		e.Kind = SerializationError
+		if !strings.HasPrefix(e.Message, "main() must return JSON-serializable data") {
+			e.Message = "main() must return JSON-serializable data: " + e.Message
+		}
+		return e
+	case "missing_main":
+		e.Message = "main() is missing or not callable"
+		return e
+	case "syntax", "exception":
+	default:
+		return &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
+	}
+	// An exception can be a limit the kernel enforced, seen from inside.
+	switch {
+	case f.Type == "MemoryError" || o.oomKilled:
+		memory.Traceback = f.Traceback
+		return memory
+	case syscall.Errno(f.Errno) == syscall.EFBIG:
+		return &ScriptError{Kind: ResourceLimitError, Limit: LimitFileSize, Traceback: f.Traceback,
+			Message: fmt.Sprintf("the file size limit of %d MiB was exceeded", l.FileSizeMiB)}
+	case syscall.Errno(f.Errno) == syscall.EAGAIN && (o.pidsMax || o.rlimits) && f.Type == "BlockingIOError":
+		return &ScriptError{Kind: ResourceLimitError, Limit: LimitProcesses, Traceback: f.Traceback,
+			Message: fmt.Sprintf("the process limit of %d was reached", l.Processes)}
+	case syscall.Errno(f.Errno) == syscall.ENOSPC:
+		return &ScriptError{Kind: ResourceLimitError, Limit: LimitDisk, Traceback: f.Traceback,
+			Message: fmt.Sprintf("the writable space of /sandbox and /tmp (%s each) is full", mib(l.TmpfsBytes))}
+	}
+	if e.Message == "" {
+		e.Message = f.Type
+	}
+	return e
+}

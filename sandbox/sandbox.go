@@ -1,0 +1,356 @@
+// Package sandbox runs one untrusted Python script in a fresh nsjail jail and reports a typed outcome.
+//
+// The jail's policy is nsjail.cfg; this package adds only what differs per host or per execution (where the
+// runtime is, the descriptors it passes in) and enforces the config's limits with cgroups, or with rlimits where
+// the host has no usable cgroups. Every execution gets its own nsjail process, namespaces, cgroup and tmpfs.
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	_ "embed"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+//go:embed harness.py
+var harnessSource []byte
+
+// Config says where the sandbox's pieces are. The zero value of each size means its default.
+type Config struct {
+	Nsjail     string // the nsjail binary
+	JailConfig string // nsjail.cfg
+	RuntimeDir string // what runtime/install.sh installed: python/ is mounted at /usr/local in the jail
+	Cgroup     string // "auto" (default), "v1", "v2" or "none"
+
+	MaxStdoutBytes int // default 1 MiB
+	MaxResultBytes int // default 1 MiB
+
+	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
+	StartupTimeout time.Duration // default 20 s
+}
+
+// Runner runs scripts. It is safe for concurrent use; the caller bounds the concurrency.
+type Runner struct {
+	cfg        Config
+	limits     Limits
+	cgroups    *cgroups
+	cgroupErr  error
+	harnessDir string
+	args       []string // nsjail's arguments, rendered once
+}
+
+// Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
+type Info struct {
+	CgroupMode CgroupMode
+	CgroupNote string // why cgroups are not used, in rlimits mode
+	Limits     Limits
+}
+
+// New checks the sandbox's pieces and prepares what every execution shares. It does not start a jail; SelfCheck
+// does.
+func New(cfg Config) (*Runner, error) {
+	if cfg.MaxStdoutBytes <= 0 {
+		cfg.MaxStdoutBytes = 1 << 20
+	}
+	if cfg.MaxResultBytes <= 0 {
+		cfg.MaxResultBytes = 1 << 20
+	}
+	if cfg.StartupTimeout <= 0 {
+		cfg.StartupTimeout = 20 * time.Second
+	}
+	if cfg.Cgroup == "" {
+		cfg.Cgroup = "auto"
+	}
+	python := filepath.Join(cfg.RuntimeDir, "python")
+	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("%w: %v (run runtime/install.sh, or `make run`)", ErrSandbox, err)
+		}
+	}
+	limits, err := readLimits(cfg.JailConfig)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	}
+	cg, cgErr := detectCgroups(cfg.Cgroup, limits)
+	if cg == nil {
+		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %v", ErrSandbox, cfg.Cgroup, cgErr)
+	}
+
+	// The harness goes into a file of its own, which the jail mounts read-only.
+	dir, err := os.MkdirTemp("", "safepy-harness-")
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	}
+	harness := filepath.Join(dir, "harness.py")
+	if err := os.WriteFile(harness, harnessSource, 0o444); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	}
+	// MkdirTemp makes 0700; the jail's user must be able to reach the file.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	}
+
+	jailConfig, _ := filepath.Abs(cfg.JailConfig)
+	runtimePython, _ := filepath.Abs(python)
+	args := []string{
+		"--config", jailConfig,
+		"--log_fd", "5", "--pass_fd", "3", "--pass_fd", "4",
+		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
+		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
+		"--time_limit", strconv.Itoa(int((limits.Wall+cfg.StartupTimeout)/time.Second) + 1),
+		"--bindmount_ro", runtimePython + ":/usr/local",
+		"--bindmount_ro", harness + ":/safepy/harness.py",
+	}
+	if cg.mode == CgroupNone {
+		args = append(args, "--rlimit_as", strconv.FormatInt(limits.MemoryBytes>>20, 10),
+			"--rlimit_nproc", strconv.FormatInt(limits.Processes, 10))
+	}
+	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py")
+
+	return &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}, nil
+}
+
+// Info reports the enforcement mode and limits.
+func (r *Runner) Info() Info {
+	info := Info{CgroupMode: r.cgroups.mode, Limits: r.limits}
+	if r.cgroupErr != nil {
+		info.CgroupNote = r.cgroupErr.Error()
+	}
+	return info
+}
+
+// Limits returns the jail's limits as read from nsjail.cfg.
+func (r *Runner) Limits() Limits { return r.limits }
+
+// Close removes what New created.
+func (r *Runner) Close() error { return os.RemoveAll(r.harnessDir) }
+
+// Run executes script in a new jail and waits until the jail and everything in it are gone.
+//
+// It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
+// ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
+func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
+	var out Outcome
+	cg, err := r.cgroups.create(newID(), r.limits)
+	if err != nil {
+		return out, fmt.Errorf("%w: creating the jail's cgroup: %v", ErrSandbox, err)
+	}
+	defer cg.remove()
+
+	// Descriptors as the jail sees them: 0 /dev/null, 1 stdout, 2 stderr, 3 script, 4 result, 5 nsjail's log.
+	var parentEnds, childEnds []*os.File
+	pipe := func() (r, w *os.File) {
+		if err == nil {
+			r, w, err = os.Pipe()
+		}
+		return r, w
+	}
+	stdoutR, stdoutW := pipe()
+	stderrR, stderrW := pipe()
+	scriptR, scriptW := pipe()
+	resultR, resultW := pipe()
+	logR, logW := pipe()
+	parentEnds = append(parentEnds, stdoutR, stderrR, scriptW, resultR, logR)
+	childEnds = append(childEnds, stdoutW, stderrW, scriptR, resultW, logW)
+	closeAll := func(fs []*os.File) {
+		for _, f := range fs {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}
+	defer closeAll(parentEnds)
+	if err != nil {
+		closeAll(childEnds)
+		return out, fmt.Errorf("%w: %v", ErrSandbox, err)
+	}
+
+	cmd := exec.Command(r.cfg.Nsjail, r.args...)
+	cmd.Env = []string{}
+	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
+	cmd.ExtraFiles = []*os.File{scriptR, resultW, logW}
+	// If the server dies, its jails die with it: nsjail gets SIGKILL, and the jail's init gets it from nsjail.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+
+	begin := time.Now()
+	err = cg.start(cmd)
+	closeAll(childEnds)
+	if err != nil {
+		return out, fmt.Errorf("%w: starting nsjail: %v", ErrSandbox, err)
+	}
+
+	stdout := drainAsync(stdoutR, r.cfg.MaxStdoutBytes)
+	stderr := drainAsync(stderrR, 64<<10)
+	nslog := drainAsync(logR, 64<<10)
+	started := make(chan struct{})
+	frame := readResultAsync(resultR, started, r.cfg.MaxResultBytes+(64<<10))
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	go func() {
+		scriptW.Write(script) // fails with EPIPE if the jail died first; the exit status tells why
+		scriptW.Close()
+	}()
+
+	obs := observation{rlimits: cg == nil}
+	kill := func() {
+		cg.killAll()
+		_ = cmd.Process.Kill()
+	}
+	var waitErr error
+	var runStart time.Time
+	startup := time.NewTimer(r.cfg.StartupTimeout)
+	defer startup.Stop()
+	var deadline <-chan time.Time
+	var ctxErr error
+wait:
+	for {
+		select {
+		case <-started:
+			started = nil
+			obs.started = true
+			runStart = time.Now()
+			out.Timing.Startup = runStart.Sub(begin)
+			startup.Stop()
+			t := time.NewTimer(r.limits.Wall)
+			defer t.Stop()
+			deadline = t.C
+		case <-startup.C:
+			kill()
+		case <-deadline:
+			obs.timedOut = true
+			kill()
+		case <-ctx.Done():
+			ctxErr = ctx.Err()
+			kill()
+		case waitErr = <-exited:
+			break wait
+		}
+	}
+	// nsjail is gone; whatever of the jail is left (only possible if nsjail itself was killed) goes now, which
+	// also closes the last copies of the pipes' write ends.
+	cg.killAll()
+	if !runStart.IsZero() {
+		out.Timing.Run = time.Since(runStart)
+	}
+
+	res := <-frame
+	outBytes, outTrunc := (<-stdout).get()
+	errBytes, _ := (<-stderr).get()
+	logBytes, _ := (<-nslog).get()
+	obs.frame, obs.truncated = res.data, res.truncated
+	obs.started = obs.started || res.started
+	obs.exitCode = exitCode(waitErr)
+	obs.oomKilled, obs.pidsMax = cg.events()
+
+	out.Started = obs.started
+	out.Stdout = strings.ToValidUTF8(string(outBytes), "\uFFFD")
+	out.StdoutTruncated = outTrunc
+	out.Stderr = strings.ToValidUTF8(string(errBytes), "\uFFFD")
+	if ctxErr != nil {
+		return out, ctxErr
+	}
+	result, err := classify(obs, r.limits, r.cfg.MaxResultBytes)
+	if errors.Is(err, ErrSandbox) {
+		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s", err, lastLines(logBytes, 3), lastLines(errBytes, 3))
+	}
+	out.Result = result
+	return out, err
+}
+
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
+}
+
+func newID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// lastLines returns the last n lines of b that carry errors or warnings from nsjail, or of plain text.
+func lastLines(b []byte, n int) string {
+	var keep []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if strings.HasPrefix(l, "[I]") || strings.HasPrefix(l, "[D]") {
+			continue
+		}
+		keep = append(keep, l)
+	}
+	if len(keep) > n {
+		keep = keep[len(keep)-n:]
+	}
+	return strings.Join(keep, " | ")
+}
+
+// capped is a stream read to its end, keeping at most a cap of it.
+type capped struct {
+	data      []byte
+	truncated bool
+}
+
+func (c capped) get() ([]byte, bool) { return c.data, c.truncated }
+
+// drainAsync reads r until EOF, keeping the first max bytes and discarding the rest, so the writer never blocks
+// on a full pipe whatever it writes.
+func drainAsync(r io.Reader, max int) <-chan capped {
+	ch := make(chan capped, 1)
+	go func() { ch <- drain(r, max) }()
+	return ch
+}
+
+func drain(r io.Reader, max int) capped {
+	var buf bytes.Buffer
+	n, _ := io.Copy(&buf, io.LimitReader(r, int64(max)+1))
+	c := capped{data: buf.Bytes()}
+	if n > int64(max) {
+		c.data, c.truncated = c.data[:max], true
+		_, _ = io.Copy(io.Discard, r)
+	}
+	return c
+}
+
+type resultRead struct {
+	capped
+	started bool
+}
+
+// readResultAsync reads the result channel: the start byte (closing started when it arrives), then the frame.
+func readResultAsync(r io.Reader, started chan<- struct{}, max int) <-chan resultRead {
+	ch := make(chan resultRead, 1)
+	go func() {
+		var res resultRead
+		first := make([]byte, 1)
+		if n, _ := io.ReadFull(r, first); n == 1 && first[0] == 'S' {
+			res.started = true
+			close(started)
+			res.capped = drain(r, max)
+		} else {
+			_, _ = io.Copy(io.Discard, r)
+		}
+		ch <- res
+	}()
+	return ch
+}
