@@ -264,7 +264,7 @@ wait:
 	}
 	result, err := classify(obs, r.limits, r.cfg.MaxResultBytes)
 	if errors.Is(err, ErrSandbox) {
-		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s", err, lastLines(logBytes, 3), lastLines(errBytes, 3))
+		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s", err, firstLines(logBytes, 3), firstLines(errBytes, 3))
 	}
 	out.Result = result
 	return out, err
@@ -290,8 +290,9 @@ func newID() string {
 	return hex.EncodeToString(b)
 }
 
-// lastLines returns the last n lines of b that carry errors or warnings from nsjail, or of plain text.
-func lastLines(b []byte, n int) string {
+// firstLines returns the first n lines of b that are not nsjail's informational messages: the first error is the
+// cause, what follows are its consequences.
+func firstLines(b []byte, n int) string {
 	var keep []string
 	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 		if strings.HasPrefix(l, "[I]") || strings.HasPrefix(l, "[D]") {
@@ -300,7 +301,7 @@ func lastLines(b []byte, n int) string {
 		keep = append(keep, l)
 	}
 	if len(keep) > n {
-		keep = keep[len(keep)-n:]
+		keep = keep[:n]
 	}
 	return strings.Join(keep, " | ")
 }

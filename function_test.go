@@ -1,0 +1,346 @@
+package safepy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/safe-py/safepy/sandbox"
+)
+
+// These tests serve the registered function itself (Execute) over real HTTP, with the real sandbox behind it.
+var srv *httptest.Server
+
+func TestMain(m *testing.M) {
+	if _, err := Prepare(); err != nil {
+		fmt.Fprintf(os.Stderr, "the service could not start (run `make test`): %v\n", err)
+		os.Exit(1)
+	}
+	srv = httptest.NewServer(http.HandlerFunc(Execute))
+	code := m.Run()
+	srv.Close()
+	os.Exit(code)
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func post(t *testing.T, body string) response {
+	t.Helper()
+	return do(t, http.MethodPost, "/execute", body)
+}
+
+func do(t *testing.T, method, path, body string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, srv.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s %s: Content-Type %q", method, path, ct)
+	}
+	return response{resp.StatusCode, resp.Header, b}
+}
+
+func scriptBody(script string) string {
+	b, _ := json.Marshal(map[string]string{"script": script})
+	return string(b)
+}
+
+// jsonEqual compares two JSON texts as values, but numbers as their literal text.
+func jsonEqual(t *testing.T, got []byte, want string) {
+	t.Helper()
+	norm := func(s []byte) string {
+		dec := json.NewDecoder(bytes.NewReader(s))
+		dec.UseNumber()
+		var v any
+		if err := dec.Decode(&v); err != nil {
+			t.Fatalf("not JSON: %s", s)
+		}
+		out, _ := json.Marshal(v)
+		return string(out)
+	}
+	if norm(got) != norm([]byte(want)) {
+		t.Fatalf("body\n  %s\nwant\n  %s", got, want)
+	}
+}
+
+// The contract's examples, exactly as the README shows them.
+func TestContractExamples(t *testing.T) {
+	tests := []struct {
+		name, body string
+		status     int
+		want       string
+	}{
+		{"hello", `{"script":"def main():\n    print('hello')\n    return {'ok': True}\n"}`,
+			200, `{"result": {"ok": true}, "stdout": "hello\n"}`},
+		{"numpy", `{"script":"def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n"}`,
+			200, `{"result": {"sum": 6}, "stdout": "[0 1 2]\n"}`},
+		{"pandas", `{"script":"def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n"}`,
+			200, `{"result": {"rows": 3}, "stdout": "['bin', 'dev', 'lib', 'lib64', 'proc']\n"}`},
+		{"empty object", `{}`,
+			400, `{"error": {"type": "ValidationError", "message": "missing 'script' field"}}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := post(t, tt.body)
+			if r.status != tt.status {
+				t.Fatalf("status %d, want %d: %s", r.status, tt.status, r.body)
+			}
+			jsonEqual(t, r.body, tt.want)
+		})
+	}
+}
+
+// Numbers arrive as Python wrote them: the server never decodes them into float64.
+func TestResultFidelityOverHTTP(t *testing.T) {
+	r := post(t, scriptBody("def main():\n    return [2**70 + 1, 0.1, 1e308, -0.0]\n"))
+	if want := `{"result":[1180591620717411303425,0.1,1e+308,-0.0],"stdout":""}` + "\n"; string(r.body) != want {
+		t.Fatalf("body %s, want %s", r.body, want)
+	}
+}
+
+func TestValidation(t *testing.T) {
+	big := strings.Repeat("#", 1<<20) // a script of exactly the cap is fine; one byte more is not
+	tests := []struct {
+		name, body string
+		status     int
+		message    string
+	}{
+		{"not JSON", `def main(): pass`, 400, "request body must be a JSON object"},
+		{"broken JSON", `{"script": "x"`, 400, "request body is not valid JSON"},
+		{"array", `["def main(): pass"]`, 400, "request body must be a JSON object"},
+		{"null", `null`, 400, "request body must be a JSON object"},
+		{"empty body", ``, 400, "request body must be a JSON object"},
+		{"missing script", `{"code": "x"}`, 400, "unknown field \"code\""},
+		{"missing script field", `{}`, 400, "missing 'script' field"},
+		{"script not a string", `{"script": 42}`, 400, "'script' must be a string"},
+		{"script null", `{"script": null}`, 400, "'script' must be a string"},
+		{"script empty", `{"script": ""}`, 400, "'script' must not be empty"},
+		{"two objects", `{"script": "x"} {"script": "y"}`, 400, "a single JSON object"},
+		{"script over its cap", scriptBody(big + "#"), 413, "'script' is over the limit of 1048576 bytes"},
+		{"body over its cap", `{"script": "` + strings.Repeat("x", 2<<20) + `"}`, 413, "request body is over the limit of 2097152 bytes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := post(t, tt.body)
+			var e struct {
+				Error  apiError `json:"error"`
+				Stdout *string  `json:"stdout"`
+			}
+			if err := json.Unmarshal(r.body, &e); err != nil {
+				t.Fatalf("body is not the error shape: %s", r.body)
+			}
+			if r.status != tt.status || e.Error.Type != "ValidationError" || !strings.Contains(e.Error.Message, tt.message) {
+				t.Fatalf("got %d %s, want %d ValidationError %q", r.status, r.body, tt.status, tt.message)
+			}
+			if e.Stdout != nil {
+				t.Fatalf("stdout present although no script ran: %s", r.body)
+			}
+		})
+	}
+	// A body over the cap without a Content-Length is cut off while it streams in.
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/execute", io.MultiReader(strings.NewReader(`{"script":"`),
+		strings.NewReader(strings.Repeat("x", 3<<20))))
+	req.ContentLength = -1
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 413 {
+		t.Fatalf("chunked oversized body: status %d", resp.StatusCode)
+	}
+	// A script of exactly the cap is accepted.
+	tail := "\ndef main(): return 1\n"
+	if r := post(t, scriptBody(big[:1<<20-len(tail)]+tail)); r.status != 200 {
+		t.Fatalf("a script at the cap: %d %s", r.status, r.body)
+	}
+}
+
+func TestRouting(t *testing.T) {
+	tests := []struct {
+		method, path string
+		status       int
+		allow        string
+	}{
+		{"GET", "/execute", 405, "POST"},
+		{"PUT", "/execute", 405, "POST"},
+		{"POST", "/healthz", 405, "GET, HEAD"},
+		{"GET", "/", 404, ""},
+		{"POST", "/execute/", 404, ""},
+		{"GET", "/healthz", 200, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			r := do(t, tt.method, tt.path, "")
+			if r.status != tt.status || r.header.Get("Allow") != tt.allow {
+				t.Fatalf("got %d Allow=%q, want %d Allow=%q: %s", r.status, r.header.Get("Allow"), tt.status, tt.allow, r.body)
+			}
+			if tt.status != 200 {
+				var e struct{ Error apiError }
+				if json.Unmarshal(r.body, &e) != nil || e.Error.Type == "" || e.Error.Message == "" {
+					t.Fatalf("error body %s", r.body)
+				}
+			}
+		})
+	}
+}
+
+// Every 422 row of the contract's table, over HTTP, with the stdout printed before the failure.
+func TestScriptErrorsOverHTTP(t *testing.T) {
+	tests := []struct {
+		name, script, typ, message string
+	}{
+		{"syntax", "print('before')\ndef main(:\n", "ExecutionError", "SyntaxError"},
+		{"exception", "def main():\n    print('before')\n    raise ValueError('bad value')\n", "ExecutionError", "ValueError: bad value"},
+		{"missing main", "print('before')\n", "ExecutionError", "main() is missing or not callable"},
+		{"exit", "import sys\ndef main():\n    print('before')\n    sys.exit(0)\n", "ExecutionError", "before main() returned"},
+		{"serialization", "def main():\n    print('before')\n    return {1}\n", "SerializationError", "main() must return JSON-serializable data"},
+		{"timeout", "import time\ndef main():\n    print('before')\n    time.sleep(60)\n", "TimeoutError", "wall-clock limit"},
+		{"memory", "def main():\n    print('before')\n    b = [bytearray(1 << 20) for _ in range(400)]\n", "ResourceLimitError", "memory limit of 256 MiB"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := post(t, scriptBody(tt.script))
+			var e struct {
+				Error  apiError `json:"error"`
+				Stdout *string  `json:"stdout"`
+			}
+			json.Unmarshal(r.body, &e)
+			if r.status != 422 || e.Error.Type != tt.typ || !strings.Contains(e.Error.Message, tt.message) {
+				t.Fatalf("got %d %s, want 422 %s %q", r.status, r.body, tt.typ, tt.message)
+			}
+			wantStdout := "before\n"
+			if tt.name == "syntax" {
+				wantStdout = "" // the script never started running
+			}
+			if e.Stdout == nil || *e.Stdout != wantStdout {
+				t.Fatalf("stdout %v, want %q", e.Stdout, wantStdout)
+			}
+		})
+	}
+	r := post(t, scriptBody("def main():\n    raise KeyError('k')\n"))
+	if !bytes.Contains(r.body, []byte(`"traceback":"Traceback (most recent call last):\n  File \"/sandbox/script.py\", line 2, in main`)) {
+		t.Fatalf("no traceback: %s", r.body)
+	}
+}
+
+func TestStdoutTruncatedOverHTTP(t *testing.T) {
+	r := post(t, scriptBody("def main():\n    print('y' * (2 << 20))\n    return 0\n"))
+	var ok struct {
+		Stdout          string `json:"stdout"`
+		StdoutTruncated bool   `json:"stdout_truncated"`
+	}
+	json.Unmarshal(r.body, &ok)
+	if r.status != 200 || !ok.StdoutTruncated || len(ok.Stdout) != 1<<20 {
+		t.Fatalf("status %d truncated %v len %d", r.status, ok.StdoutTruncated, len(ok.Stdout))
+	}
+}
+
+func TestConcurrentRequestsStayApart(t *testing.T) {
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			r := post(t, scriptBody(fmt.Sprintf("import os\ndef main():\n    open('/sandbox/f', 'a').write('%d')\n    print(%d)\n    return open('/sandbox/f').read()\n", i, i)))
+			if want := fmt.Sprintf(`{"result":"%d","stdout":"%d\n"}`+"\n", i, i); string(r.body) != want {
+				errs <- fmt.Errorf("request %d: %s", i, r.body)
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// Fail closed: a sandbox that cannot run scripts gives no service, and a sandbox that breaks later answers 500
+// InternalError, never a result from anywhere else.
+func TestFailsClosed(t *testing.T) {
+	cfg, err := ConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("nsjail missing", func(t *testing.T) {
+		c := cfg
+		c.Sandbox.Nsjail = filepath.Join(t.TempDir(), "nsjail")
+		if _, err := NewService(c, slog.Default()); !errors.Is(err, sandbox.ErrSandbox) {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("jail cannot be created", func(t *testing.T) {
+		// A config with a mandatory mount that cannot be made: nsjail refuses, and so the self-check fails.
+		data, _ := os.ReadFile(cfg.Sandbox.JailConfig)
+		broken := filepath.Join(t.TempDir(), "nsjail.cfg")
+		data = append(data, []byte("\nmount { src: \"/nonexistent-safepy\" dst: \"/x\" is_bind: true }\n")...)
+		os.WriteFile(broken, data, 0o644)
+		c := cfg
+		c.Sandbox.JailConfig = broken
+		_, err := NewService(c, slog.Default())
+		if !errors.Is(err, sandbox.ErrSandbox) || !strings.Contains(err.Error(), "self-check") {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("sandbox breaks after start", func(t *testing.T) {
+		c := cfg
+		svc, err := NewService(c, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer svc.Close()
+		svc.runner = brokenRunner(t, c)
+		w := httptest.NewRecorder()
+		svc.ServeHTTP(w, httptest.NewRequest("POST", "/execute", strings.NewReader(scriptBody("def main():\n    return 1\n"))))
+		if w.Code != 500 || !strings.Contains(w.Body.String(), `"type":"InternalError"`) {
+			t.Fatalf("got %d %s", w.Code, w.Body)
+		}
+	})
+	t.Run("unavailable answers", func(t *testing.T) {
+		for path, status := range map[string]int{"/execute": 500, "/healthz": 503} {
+			w := httptest.NewRecorder()
+			unavailable(w, httptest.NewRequest("POST", path, nil), errors.New("no user namespaces"))
+			if w.Code != status || !strings.Contains(w.Body.String(), "no user namespaces") {
+				t.Fatalf("%s: %d %s", path, w.Code, w.Body)
+			}
+		}
+	})
+}
+
+// brokenRunner is a real runner whose nsjail binary is deleted after it was checked.
+func brokenRunner(t *testing.T, c Config) *sandbox.Runner {
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "nsjail")
+	os.WriteFile(fake, []byte("#!/bin/sh\nexit 1\n"), 0o755)
+	c.Sandbox.Nsjail = fake
+	r, err := sandbox.New(c.Sandbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	os.Remove(fake)
+	return r
+}

@@ -1,0 +1,257 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Each test here attacks one isolation property with a script that tries its best and reports what it got.
+
+func TestNoNetworkNotEvenLoopback(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan struct{}, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Close()
+			accepted <- struct{}{}
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	script := fmt.Sprintf(`import socket, fcntl, struct
+def main():
+    out = {}
+    for host in ("127.0.0.1", "::1", "localhost"):
+        try:
+            socket.create_connection((host, %d), timeout=1).close()
+            out[host] = "connected"
+        except OSError as e:
+            out[host] = type(e).__name__
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+    out["lo_up"] = bool(flags & 1)
+    out["interfaces"] = [name for _, name in socket.if_nameindex()]
+    return out
+`, port)
+	got, _ := mustRun(t, script)
+	var res map[string]any
+	if err := json.Unmarshal([]byte(got), &res); err != nil {
+		t.Fatal(err)
+	}
+	for _, host := range []string{"127.0.0.1", "::1", "localhost"} {
+		if res[host] == "connected" {
+			t.Errorf("the jail connected to %s", host)
+		}
+	}
+	if res["lo_up"] != false {
+		t.Errorf("loopback is up in the jail: %v", res)
+	}
+	if ifs := fmt.Sprint(res["interfaces"]); ifs != "[lo]" {
+		t.Errorf("interfaces %s, want only the (down) loopback", ifs)
+	}
+	select {
+	case <-accepted:
+		t.Fatal("the server on the host's loopback accepted a connection from the jail")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+func TestHostFilesAreInvisible(t *testing.T) {
+	secretDir := t.TempDir()
+	os.Chmod(secretDir, 0o755)
+	secret := filepath.Join(secretDir, "secret.txt")
+	if err := os.WriteFile(secret, []byte("hunter2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	repoFile, _ := filepath.Abs("../go.mod")
+	home, _ := os.UserHomeDir()
+	paths := []string{secret, repoFile, "/etc/passwd", "/etc/shadow", "/etc/hostname", filepath.Join(home, ".bashrc"),
+		"/root", "/home", "/var/run/secrets", "/sys/class/net", "/usr/bin/python3", "/usr/share"}
+	quoted, _ := json.Marshal(paths)
+	got, _ := mustRun(t, fmt.Sprintf(`import os
+def main():
+    out = {}
+    for p in %s:
+        try:
+            out[p] = open(p).read()[:20] if os.path.isfile(p) else ("dir" if os.path.isdir(p) else "absent")
+        except OSError as e:
+            out[p] = type(e).__name__
+    out["/"] = sorted(os.listdir("/"))
+    out["/usr"] = sorted(os.listdir("/usr"))
+    return out
+`, quoted))
+	var res map[string]any
+	if err := json.Unmarshal([]byte(got), &res); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range paths {
+		if res[p] != "absent" {
+			t.Errorf("%s is visible in the jail: %v", p, res[p])
+		}
+	}
+	if got := fmt.Sprint(res["/"]); got != "[bin dev lib lib64 proc safepy sandbox tmp usr]" {
+		t.Errorf("jail root holds %s", got)
+	}
+	if got := fmt.Sprint(res["/usr"]); got != "[lib lib64 local]" {
+		t.Errorf("jail /usr holds %s", got)
+	}
+}
+
+func TestServerEnvironmentIsInvisible(t *testing.T) {
+	t.Setenv("SAFEPY_TEST_SECRET", "hunter2-env")
+	got, _ := mustRun(t, `import os
+def main():
+    seen = dict(os.environ)
+    for path in ("/proc/self/environ", "/proc/1/environ"):
+        try:
+            seen[path] = open(path, "rb").read().decode(errors="replace")
+        except OSError as e:
+            seen[path] = type(e).__name__
+    return seen
+`)
+	if strings.Contains(got, "hunter2-env") {
+		t.Fatalf("the server's environment reached the jail: %s", got)
+	}
+	var env map[string]string
+	json.Unmarshal([]byte(got), &env)
+	want := []string{"HOME", "LANG", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "MPLCONFIGDIR", "NUMEXPR_NUM_THREADS",
+		"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH"}
+	for _, k := range want {
+		if _, ok := env[k]; !ok {
+			t.Errorf("missing %s", k)
+		}
+	}
+	if n := len(env) - 2; n != len(want) {
+		t.Errorf("the jail's environment has %d variables, want exactly %v: %v", n, want, env)
+	}
+}
+
+func TestReadOnlyOutsideSandboxAndTmp(t *testing.T) {
+	got, _ := mustRun(t, `import os
+def main():
+    out = {}
+    for p in ("/x", "/usr/local/evil.py", "/usr/local/lib/python3.11/os.py", "/usr/lib/x86_64-linux-gnu/x",
+              "/safepy/harness.py", "/proc/sys/kernel/hostname", "/dev/null2", "/sandbox/ok", "/tmp/ok", "/dev/shm/ok"):
+        try:
+            with open(p, "a") as f:
+                f.write("x")
+            out[p] = "written"
+        except OSError as e:
+            out[p] = type(e).__name__
+    return out
+`)
+	var res map[string]string
+	json.Unmarshal([]byte(got), &res)
+	for p, v := range res {
+		writable := p == "/sandbox/ok" || p == "/tmp/ok" || p == "/dev/shm/ok"
+		if (v == "written") != writable {
+			t.Errorf("%s: %s", p, v)
+		}
+	}
+}
+
+func TestNoPrivilege(t *testing.T) {
+	got, _ := mustRun(t, `import os
+def main():
+    out = {"uid": os.getuid(), "gid": os.getgid(), "euid": os.geteuid()}
+    for name, call in (("setuid0", lambda: os.setuid(0)), ("setgid0", lambda: os.setgid(0)),
+                       ("chroot", lambda: os.chroot("/tmp")), ("chown", lambda: os.chown("/sandbox", 0, 0))):
+        try:
+            call()
+            out[name] = "allowed"
+        except OSError as e:
+            out[name] = type(e).__name__
+    status = open("/proc/self/status").read()
+    out["caps"] = sorted({l.split()[1] for l in status.splitlines() if l.startswith(("CapEff", "CapPrm"))})
+    out["no_new_privs"] = [l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs")]
+    return out
+`)
+	var res map[string]any
+	json.Unmarshal([]byte(got), &res)
+	if res["uid"] != 1000.0 || res["gid"] != 1000.0 || res["euid"] != 1000.0 {
+		t.Errorf("ids: %v", res)
+	}
+	for _, k := range []string{"setuid0", "setgid0", "chroot", "chown"} {
+		if res[k] == "allowed" {
+			t.Errorf("%s was allowed", k)
+		}
+	}
+	if fmt.Sprint(res["caps"]) != "[0000000000000000]" || fmt.Sprint(res["no_new_privs"]) != "[1]" {
+		t.Errorf("capabilities %v, no_new_privs %v", res["caps"], res["no_new_privs"])
+	}
+	// And outside: the jail's processes belong to nobody.
+	got, _ = mustRun(t, "def main():\n    return open('/proc/self/uid_map').read().split()\n")
+	if got != `["1000", "65534", "1"]` {
+		t.Errorf("uid map %s, want 1000 -> 65534 (nobody)", got)
+	}
+}
+
+func TestHostProcessesAreInvisible(t *testing.T) {
+	got, _ := mustRun(t, `import os
+def main():
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return {"pids": pids, "me": os.getpid()}
+`)
+	var res struct {
+		Pids []int `json:"pids"`
+		Me   int   `json:"me"`
+	}
+	json.Unmarshal([]byte(got), &res)
+	// PID 1 is the harness's init, PID 2 the script.
+	if fmt.Sprint(res.Pids) != "[1 2]" || res.Me != 2 {
+		t.Fatalf("the jail sees processes %v (it is %d)", res.Pids, res.Me)
+	}
+}
+
+// Nothing of one execution is there for the next: files, processes, or the process it started and detached.
+func TestNothingSurvivesIntoTheNextRequest(t *testing.T) {
+	token := "survivor-" + strconv.Itoa(os.Getpid())
+	mustRun(t, fmt.Sprintf(`import os, subprocess, time
+def main():
+    open("/sandbox/left", "w").write("x")
+    open("/tmp/left", "w").write("x")
+    open("/dev/shm/left", "w").write("x")
+    subprocess.Popen(["/usr/local/bin/python3", "-c",
+                      "import os, time; os.setsid(); open('/tmp/up', 'w').close(); time.sleep(60)", %q],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists("/tmp/up"):
+        time.sleep(0.01)
+    return "started"
+`, token))
+	if pids := processesWith(token); len(pids) > 0 {
+		t.Fatalf("a detached process of the last request is still running: %v", pids)
+	}
+	got, _ := mustRun(t, `import os
+def main():
+    return [os.path.exists(p) for p in ("/sandbox/left", "/tmp/left", "/dev/shm/left")] + [os.listdir("/sandbox"), os.listdir("/tmp")]
+`)
+	if got != "[false, false, false, [], []]" {
+		t.Fatalf("files survived into the next request: %s", got)
+	}
+}
+
+// processesWith lists the host's processes whose command line contains s.
+func processesWith(s string) []string {
+	var found []string
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(cmd), s) && e.Name() != strconv.Itoa(os.Getpid()) {
+			found = append(found, e.Name()+": "+strings.ReplaceAll(string(cmd), "\x00", " "))
+		}
+	}
+	return found
+}

@@ -1,0 +1,242 @@
+package safepy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/safe-py/safepy/sandbox"
+)
+
+// Service serves the contract's two endpoints on top of a sandbox.Runner.
+type Service struct {
+	cfg    Config
+	runner *sandbox.Runner
+	log    *slog.Logger
+	ready  atomic.Bool
+}
+
+// selfCheck is run in the real jail before the service reports healthy: the interpreter, numpy and pandas
+// import, the script runs as an unprivileged user, and the result and stdout channels work.
+const selfCheck = `import os
+def main():
+    import numpy, pandas
+    print("self-check")
+    return {"uid": os.getuid(), "rows": int(pandas.DataFrame({"a": [1, 2]}).shape[0]), "sum": int(numpy.sum([1, 2]))}
+`
+
+const selfCheckWant = `{"uid": 1000, "rows": 2, "sum": 3}`
+
+// NewService prepares the sandbox and proves it works by running a script in it. It returns an error, and no
+// service, if the sandbox cannot run scripts.
+func NewService(cfg Config, log *slog.Logger) (*Service, error) {
+	runner, err := sandbox.New(cfg.Sandbox)
+	if err != nil {
+		return nil, err
+	}
+	info := runner.Info()
+	attrs := []any{"cgroup_mode", info.CgroupMode, "wall", info.Limits.Wall.String(),
+		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes}
+	if info.CgroupMode == sandbox.CgroupNone {
+		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
+			append(attrs, "reason", info.CgroupNote)...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := runner.Run(ctx, []byte(selfCheck))
+	if err == nil && (string(out.Result) != selfCheckWant || out.Stdout != "self-check\n") {
+		err = fmt.Errorf("unexpected answer %s with stdout %q", out.Result, out.Stdout)
+	}
+	if err != nil {
+		runner.Close()
+		return nil, fmt.Errorf("%w: the start-up self-check failed: %v", sandbox.ErrSandbox, err)
+	}
+	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
+		"self_check_run", out.Timing.Run.String())...)
+	s := &Service{cfg: cfg, runner: runner, log: log}
+	s.ready.Store(true)
+	return s, nil
+}
+
+// Close releases the sandbox's start-up resources.
+func (s *Service) Close() error { return s.runner.Close() }
+
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/execute":
+		if r.Method != http.MethodPost {
+			methodNotAllowed(w, "POST")
+			return
+		}
+		s.execute(w, r)
+	case "/healthz":
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			methodNotAllowed(w, "GET, HEAD")
+			return
+		}
+		if !s.ready.Load() {
+			writeError(w, http.StatusServiceUnavailable, apiError{Type: "Unavailable", Message: "not ready"}, nil)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	default:
+		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
+			Message: fmt.Sprintf("no such path %q; use POST /execute", r.URL.Path)}, nil)
+	}
+}
+
+func (s *Service) execute(w http.ResponseWriter, r *http.Request) {
+	script, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes)
+	if verr != nil {
+		writeError(w, status, *verr, nil)
+		return
+	}
+	sum := sha256.Sum256(script)
+	begin := time.Now()
+	out, err := s.runner.Run(r.Context(), script)
+	attrs := []any{"script_bytes", len(script), "script_sha256", hex.EncodeToString(sum[:8]),
+		"startup_ms", ms(out.Timing.Startup), "run_ms", ms(out.Timing.Run), "total_ms", ms(time.Since(begin))}
+
+	var se *sandbox.ScriptError
+	switch {
+	case err == nil:
+		s.log.Info("execution", append(attrs, "outcome", "ok")...)
+		resp := successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated}
+		writeJSON(w, http.StatusOK, resp)
+	case errors.As(err, &se):
+		s.log.Info("execution", append(attrs, "outcome", string(se.Kind), "limit", string(se.Limit))...)
+		writeError(w, http.StatusUnprocessableEntity, apiError{Type: string(se.Kind), Message: se.Message,
+			Traceback: se.Traceback, Limit: string(se.Limit)}, &out)
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		// The client went away; the jail is already gone. There is nobody to answer.
+		s.log.Info("execution", append(attrs, "outcome", "canceled")...)
+	default:
+		s.log.Error("execution", append(attrs, "outcome", "InternalError", "error", err.Error())...)
+		var stdout *sandbox.Outcome
+		if out.Started {
+			stdout = &out
+		}
+		writeError(w, http.StatusInternalServerError, apiError{Type: "InternalError",
+			Message: "the sandbox failed; this is not caused by the script"}, stdout)
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// decodeRequest reads a request body strictly: one JSON object whose only field is a non-empty string "script".
+func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript int) ([]byte, int, *apiError) {
+	invalid := func(status int, format string, args ...any) ([]byte, int, *apiError) {
+		return nil, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
+	}
+	if r.ContentLength > maxBody {
+		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
+	}
+	if err != nil {
+		return invalid(http.StatusBadRequest, "could not read the request body: %v", err)
+	}
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 || body[0] != '{' {
+		return invalid(http.StatusBadRequest, "request body must be a JSON object")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var fields map[string]json.RawMessage
+	if err := dec.Decode(&fields); err != nil {
+		return invalid(http.StatusBadRequest, "request body is not valid JSON: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return invalid(http.StatusBadRequest, "request body must be a single JSON object")
+	}
+	for name := range fields {
+		if name != "script" {
+			return invalid(http.StatusBadRequest, "unknown field %q; the only field is 'script'", name)
+		}
+	}
+	raw, ok := fields["script"]
+	if !ok {
+		return invalid(http.StatusBadRequest, "missing 'script' field")
+	}
+	var script string
+	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &script) != nil {
+		return invalid(http.StatusBadRequest, "'script' must be a string")
+	}
+	if script == "" {
+		return invalid(http.StatusBadRequest, "'script' must not be empty")
+	}
+	if len(script) > maxScript {
+		return invalid(http.StatusRequestEntityTooLarge, "'script' is over the limit of %d bytes of UTF-8", maxScript)
+	}
+	return []byte(script), 0, nil
+}
+
+type successResponse struct {
+	Result          json.RawMessage `json:"result"`
+	Stdout          string          `json:"stdout"`
+	StdoutTruncated bool            `json:"stdout_truncated,omitempty"`
+}
+
+type apiError struct {
+	Type      string `json:"type"`
+	Message   string `json:"message"`
+	Traceback string `json:"traceback,omitempty"`
+	Limit     string `json:"limit,omitempty"`
+}
+
+type errorResponse struct {
+	Error           apiError `json:"error"`
+	Stdout          *string  `json:"stdout,omitempty"`
+	StdoutTruncated bool     `json:"stdout_truncated,omitempty"`
+}
+
+// writeError answers with the contract's error shape; stdout is included whenever the script started.
+func writeError(w http.ResponseWriter, status int, e apiError, out *sandbox.Outcome) {
+	resp := errorResponse{Error: e}
+	if out != nil && out.Started {
+		resp.Stdout, resp.StdoutTruncated = &out.Stdout, out.StdoutTruncated
+	}
+	writeJSON(w, status, resp)
+}
+
+func methodNotAllowed(w http.ResponseWriter, allow string) {
+	w.Header().Set("Allow", allow)
+	writeError(w, http.StatusMethodNotAllowed, apiError{Type: "MethodNotAllowed",
+		Message: "method not allowed; allowed: " + allow}, nil)
+}
+
+// unavailable answers every request while the sandbox cannot run scripts.
+func unavailable(w http.ResponseWriter, r *http.Request, err error) {
+	slog.Error("refusing to serve: the sandbox is unavailable", "error", err.Error(), "path", r.URL.Path)
+	status := http.StatusInternalServerError
+	if r.URL.Path == "/healthz" {
+		status = http.StatusServiceUnavailable
+	}
+	writeError(w, status, apiError{Type: "InternalError", Message: "the sandbox is unavailable: " + err.Error()}, nil)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		status = http.StatusInternalServerError
+		buf.Reset()
+		buf.WriteString(`{"error":{"type":"InternalError","message":"could not encode the response"}}` + "\n")
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write(buf.Bytes())
+}
