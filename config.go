@@ -4,7 +4,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/safe-py/safepy/sandbox"
 )
@@ -13,7 +16,12 @@ import (
 type Config struct {
 	MaxBodyBytes   int64 // SAFEPY_MAX_BODY_BYTES
 	MaxScriptBytes int   // SAFEPY_MAX_SCRIPT_BYTES
-	Sandbox        sandbox.Config
+
+	Slots     int           // SAFEPY_SLOTS: jails running at once; 0 means from CPUs and memory
+	Queue     int           // SAFEPY_QUEUE: requests waiting for a slot; -1 means twice the slots
+	QueueWait time.Duration // SAFEPY_QUEUE_WAIT: the longest wait for a slot
+
+	Sandbox sandbox.Config
 }
 
 // ConfigFromEnv reads the configuration from the environment, with the defaults the README's table lists.
@@ -37,10 +45,31 @@ func ConfigFromEnv() (Config, error) {
 		}
 		return def
 	}
+	duration := func(name string, def time.Duration) time.Duration {
+		v := os.Getenv(name)
+		if v == "" {
+			return def
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be a positive duration such as 3s, not %q", name, v))
+			return def
+		}
+		return d
+	}
+	queue := -1
+	if os.Getenv("SAFEPY_QUEUE") == "0" {
+		queue = 0
+	} else if os.Getenv("SAFEPY_QUEUE") != "" {
+		queue = num("SAFEPY_QUEUE", 0)
+	}
 	runtimeDir := str("SAFEPY_RUNTIME_DIR", ".runtime")
 	cfg := Config{
 		MaxBodyBytes:   int64(num("SAFEPY_MAX_BODY_BYTES", 2<<20)),
 		MaxScriptBytes: num("SAFEPY_MAX_SCRIPT_BYTES", 1<<20),
+		Slots:          num("SAFEPY_SLOTS", 0),
+		Queue:          queue,
+		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 3*time.Second),
 		Sandbox: sandbox.Config{
 			RuntimeDir:     runtimeDir,
 			Nsjail:         str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),
@@ -54,4 +83,39 @@ func ConfigFromEnv() (Config, error) {
 		return cfg, fmt.Errorf("configuration: %v", errs)
 	}
 	return cfg, nil
+}
+
+// defaultSlots fits the number of jails running at once to the machine: two per CPU (scripts wait on I/O and
+// start-up too), and no more than the memory left after the server's own share holds at each jail's limit.
+func defaultSlots(jailMemory int64) int {
+	const serverShare = 256 << 20
+	slots := 2 * runtime.NumCPU()
+	if mem := availableMemory(); mem > 0 && jailMemory > 0 {
+		if byMemory := int((mem - serverShare) / jailMemory); byMemory < slots {
+			slots = byMemory
+		}
+	}
+	return max(slots, 1)
+}
+
+// availableMemory is the container's memory limit if it has one (Cloud Run sets one), else the machine's memory.
+func availableMemory() int64 {
+	best := int64(0)
+	for _, path := range []string{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"} {
+		if data, err := os.ReadFile(path); err == nil {
+			if n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err == nil && n > 0 && n < 1<<50 {
+				best = n
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+				if kb, err := strconv.ParseInt(f[1], 10, 64); err == nil && (best == 0 || kb<<10 < best) {
+					best = kb << 10
+				}
+			}
+		}
+	}
+	return best
 }

@@ -11,9 +11,11 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"sync/atomic"
 	"time"
 
+	"github.com/safe-py/safepy/admission"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -21,6 +23,7 @@ import (
 type Service struct {
 	cfg    Config
 	runner *sandbox.Runner
+	gate   *admission.Gate
 	log    *slog.Logger
 	ready  atomic.Bool
 }
@@ -44,8 +47,15 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 		return nil, err
 	}
 	info := runner.Info()
+	if cfg.Slots <= 0 {
+		cfg.Slots = defaultSlots(info.Limits.MemoryBytes)
+	}
+	if cfg.Queue < 0 {
+		cfg.Queue = 2 * cfg.Slots
+	}
 	attrs := []any{"cgroup_mode", info.CgroupMode, "wall", info.Limits.Wall.String(),
-		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes}
+		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes,
+		"slots", cfg.Slots, "queue", cfg.Queue, "queue_wait", cfg.QueueWait.String()}
 	if info.CgroupMode == sandbox.CgroupNone {
 		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
 			append(attrs, "reason", info.CgroupNote)...)
@@ -62,7 +72,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
-	s := &Service{cfg: cfg, runner: runner, log: log}
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)}
 	s.ready.Store(true)
 	return s, nil
 }
@@ -102,9 +112,25 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) {
 	}
 	sum := sha256.Sum256(script)
 	begin := time.Now()
+	attrs := []any{"script_bytes", len(script), "script_sha256", hex.EncodeToString(sum[:8])}
+	release, err := s.gate.Acquire(r.Context())
+	queued := time.Since(begin)
+	if err != nil {
+		attrs = append(attrs, "queue_ms", ms(queued))
+		if errors.Is(err, admission.ErrOverloaded) {
+			s.log.Warn("execution", append(attrs, "outcome", "Overloaded")...)
+			w.Header().Set("Retry-After", strconv.Itoa(s.gate.RetryAfter()))
+			writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded",
+				Message: fmt.Sprintf("all %d execution slots are busy and the queue is full; retry later", s.gate.Slots())}, nil)
+		} else {
+			s.log.Info("execution", append(attrs, "outcome", "canceled")...)
+		}
+		return
+	}
 	out, err := s.runner.Run(r.Context(), script)
-	attrs := []any{"script_bytes", len(script), "script_sha256", hex.EncodeToString(sum[:8]),
-		"startup_ms", ms(out.Timing.Startup), "run_ms", ms(out.Timing.Run), "total_ms", ms(time.Since(begin))}
+	release()
+	attrs = append(attrs, "queue_ms", ms(queued), "startup_ms", ms(out.Timing.Startup), "run_ms", ms(out.Timing.Run),
+		"total_ms", ms(time.Since(begin)))
 
 	var se *sandbox.ScriptError
 	switch {

@@ -141,6 +141,8 @@ def run():
 
     try:
         sys.set_int_max_str_digits(0)
+        # The encoder recurses in C: a script that raised the recursion limit could crash it on a deep result.
+        sys.setrecursionlimit(1000)
         payload = json.dumps(result, allow_nan=False, ensure_ascii=False)
         try:
             data = payload.encode("utf-8")

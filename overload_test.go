@@ -1,0 +1,141 @@
+package safepy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// newTestService starts a service of its own with the given admission settings.
+func newTestService(t *testing.T, slots, queue int, wait time.Duration) *httptest.Server {
+	t.Helper()
+	cfg, err := ConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Slots, cfg.Queue, cfg.QueueWait = slots, queue, wait
+	svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(svc)
+	t.Cleanup(func() { ts.Close(); svc.Close() })
+	return ts
+}
+
+func postTo(ctx context.Context, url, body string) (int, http.Header, []byte, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/execute", strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, b, err
+}
+
+// waitFor polls cond until it holds; the bound only keeps a broken build from hanging the suite.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting: %s", what)
+		}
+	}
+}
+
+// hostProcessesWith lists the host's processes whose command line contains s.
+func hostProcessesWith(s string) []string {
+	var found []string
+	entries, _ := os.ReadDir("/proc")
+	self := strconv.Itoa(os.Getpid())
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil || e.Name() == self {
+			continue
+		}
+		if cmd, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline")); err == nil && strings.Contains(string(cmd), s) {
+			found = append(found, e.Name())
+		}
+	}
+	return found
+}
+
+// sleeper is a script that marks itself with token on the host's process list and sleeps.
+func sleeper(token string) string {
+	return scriptBody(fmt.Sprintf("import subprocess, time\ndef main():\n    subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(60)', %q])\n    time.sleep(60)\n", token))
+}
+
+func TestOverloaded(t *testing.T) {
+	ts := newTestService(t, 1, 0, time.Second)
+	token := fmt.Sprintf("overload-%d", time.Now().UnixNano())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	busy := make(chan int, 1)
+	go func() {
+		status, _, _, _ := postTo(ctx, ts.URL, sleeper(token))
+		busy <- status
+	}()
+	waitFor(t, "the first script to run", func() bool { return len(hostProcessesWith(token)) > 0 })
+
+	status, header, body, err := postTo(context.Background(), ts.URL, scriptBody("def main():\n    return 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var e struct{ Error apiError }
+	json.Unmarshal(body, &e)
+	if status != 503 || e.Error.Type != "Overloaded" || header.Get("Retry-After") != "1" {
+		t.Fatalf("got %d Retry-After=%q %s", status, header.Get("Retry-After"), body)
+	}
+	if status := <-busy; status != 422 {
+		t.Fatalf("the running script ended with %d, want 422 (timeout)", status)
+	}
+}
+
+func TestQueuedRequestWaitsForASlot(t *testing.T) {
+	ts := newTestService(t, 1, 1, 30*time.Second)
+	first := make(chan int, 1)
+	go func() {
+		status, _, _, _ := postTo(context.Background(), ts.URL, scriptBody("import time\ndef main():\n    time.sleep(1)\n    return 1\n"))
+		first <- status
+	}()
+	time.Sleep(200 * time.Millisecond) // let the first take the slot; if it has not, the second simply goes first
+	status, _, body, err := postTo(context.Background(), ts.URL, scriptBody("def main():\n    return 2\n"))
+	if err != nil || status != 200 || string(body) != `{"result":2,"stdout":""}`+"\n" {
+		t.Fatalf("queued request: %d %s %v", status, body, err)
+	}
+	if s := <-first; s != 200 {
+		t.Fatalf("first request: %d", s)
+	}
+}
+
+// A client that goes away takes its job with it: the jail is killed and the slot is free for the next request.
+func TestClientDisconnectCancelsTheJob(t *testing.T) {
+	// One slot, and a queue so that the next request may wait out the moment between the jail's death and the
+	// slot's release; it would be refused if the slot stayed taken.
+	ts := newTestService(t, 1, 1, 20*time.Second)
+	token := fmt.Sprintf("disconnect-%d", time.Now().UnixNano())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, _, _, err := postTo(ctx, ts.URL, sleeper(token))
+		done <- err
+	}()
+	waitFor(t, "the script to run", func() bool { return len(hostProcessesWith(token)) > 0 })
+	cancel()
+	<-done
+	waitFor(t, "the jail to be killed", func() bool { return len(hostProcessesWith(token)) == 0 })
+	status, _, body, _ := postTo(context.Background(), ts.URL, scriptBody("def main():\n    return 'next'\n"))
+	if status != 200 {
+		t.Fatalf("next request: %d %s", status, body)
+	}
+}
