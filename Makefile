@@ -4,7 +4,9 @@ SHELL := /bin/bash
 export SAFEPY_RUNTIME_DIR ?= $(CURDIR)/.runtime
 GO ?= go
 
-.PHONY: runtime run test vet bench
+FUZZTIME ?= 15s
+
+.PHONY: runtime run test vet fuzz load bench
 
 runtime:
 	@./runtime/install.sh "$(SAFEPY_RUNTIME_DIR)"
@@ -20,3 +22,16 @@ vet:
 # those counts their own on a 2-core machine.
 test: runtime vet
 	$(GO) test -p 1 -count=1 -timeout 25m ./...
+	@$(MAKE) --no-print-directory fuzz
+
+# Each fuzz target for a short, fixed time, starting from the seed corpus checked in under testdata/fuzz.
+fuzz: runtime
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRequest$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzResultChannel$$' -fuzztime $(FUZZTIME) ./sandbox
+	$(GO) test -run '^$$' -fuzz '^FuzzStdout$$' -fuzztime $(FUZZTIME) ./sandbox
+
+# Mixed good and hostile scripts against a server started in-process on 127.0.0.1 (see cmd/load).
+LOAD_N ?= 1000
+LOAD_C ?= 0
+load: runtime
+	$(GO) run ./cmd/load -n $(LOAD_N) -c $(LOAD_C)

@@ -85,11 +85,12 @@ func ConfigFromEnv() (Config, error) {
 	return cfg, nil
 }
 
-// defaultSlots fits the number of jails running at once to the machine: two per CPU (scripts wait on I/O and
-// start-up too), and no more than the memory left after the server's own share holds at each jail's limit.
+// defaultSlots fits the number of jails running at once to the machine: one per CPU, so that a script's wall time
+// is a CPU's worth of time and a neighbour's busy loop cannot push it into a timeout; and no more than the memory
+// left after the server's own share holds at each jail's limit.
 func defaultSlots(jailMemory int64) int {
 	const serverShare = 256 << 20
-	slots := 2 * runtime.NumCPU()
+	slots := runtime.NumCPU()
 	if mem := availableMemory(); mem > 0 && jailMemory > 0 {
 		if byMemory := int((mem - serverShare) / jailMemory); byMemory < slots {
 			slots = byMemory

@@ -2,6 +2,7 @@ package safepy
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/safe-py/safepy/sandbox"
 )
@@ -29,6 +31,9 @@ func TestMain(m *testing.M) {
 	srv = httptest.NewServer(http.HandlerFunc(Execute))
 	code := m.Run()
 	srv.Close()
+	if svc, _ := Prepare(); svc != nil {
+		svc.Close()
+	}
 	os.Exit(code)
 }
 
@@ -259,15 +264,16 @@ func TestStdoutTruncatedOverHTTP(t *testing.T) {
 }
 
 func TestConcurrentRequestsStayApart(t *testing.T) {
+	ts := newTestService(t, 4, 8, time.Minute)
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for i := 0; i < 8; i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			r := post(t, scriptBody(fmt.Sprintf("import os\ndef main():\n    open('/sandbox/f', 'a').write('%d')\n    print(%d)\n    return open('/sandbox/f').read()\n", i, i)))
-			if want := fmt.Sprintf(`{"result":"%d","stdout":"%d\n"}`+"\n", i, i); string(r.body) != want {
-				errs <- fmt.Errorf("request %d: %s", i, r.body)
+			_, _, body, err := postTo(context.Background(), ts.URL, scriptBody(fmt.Sprintf("import os\ndef main():\n    open('/sandbox/f', 'a').write('%d')\n    print(%d)\n    return open('/sandbox/f').read()\n", i, i)))
+			if want := fmt.Sprintf(`{"result":"%d","stdout":"%d\n"}`+"\n", i, i); err != nil || string(body) != want {
+				errs <- fmt.Errorf("request %d: %s %v", i, body, err)
 			}
 		}(i)
 	}

@@ -2,7 +2,10 @@ module github.com/safe-py/safepy
 
 go 1.26.8
 
-require github.com/GoogleCloudPlatform/functions-framework-go v1.9.2
+require (
+	github.com/GoogleCloudPlatform/functions-framework-go v1.9.2
+	golang.org/x/sys v0.50.0
+)
 
 require (
 	github.com/cloudevents/sdk-go/v2 v2.15.2 // indirect

@@ -77,6 +77,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	return s, nil
 }
 
+// Slots is the number of executions that run at once.
+func (s *Service) Slots() int { return s.gate.Slots() }
+
 // Close releases the sandbox's start-up resources.
 func (s *Service) Close() error { return s.runner.Close() }
 

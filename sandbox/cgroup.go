@@ -8,10 +8,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // CgroupMode says how the jail's memory, process and CPU limits are enforced on this host.
@@ -38,9 +41,13 @@ type cgroups struct {
 
 var v1Controllers = []string{"memory", "pids", "cpu"}
 
+// jailOverheadTasks are the cgroup's tasks that are not the script's: nsjail and the harness's init. The script
+// gets the whole process limit for itself.
+const jailOverheadTasks = 2
+
 // detectCgroups finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it.
 // want is "auto", "v1", "v2" or "none". With "auto" it prefers v2, then v1, then rlimits.
-func detectCgroups(want string, l Limits) (*cgroups, error) {
+func detectCgroups(want string, l Limits, probe string) (*cgroups, error) {
 	mounts, err := cgroupMounts()
 	if err != nil && want != "none" {
 		return nil, err
@@ -67,10 +74,17 @@ func detectCgroups(want string, l Limits) (*cgroups, error) {
 			cg, err = setupV1(mounts)
 		}
 		if err == nil {
-			// Prove it works before relying on it: a cgroup with the real limits, created and removed.
-			var probe *jailCgroup
-			if probe, err = cg.create("probe-"+strconv.Itoa(os.Getpid()), l); err == nil {
-				err = probe.remove()
+			// Prove it works before relying on it: a cgroup with the real limits, a process started inside it
+			// the way jails will be (clone3 may be refused where v2 is not), and the cgroup removed.
+			var j *jailCgroup
+			if j, err = cg.create("probe-"+strconv.Itoa(os.Getpid()), l); err == nil {
+				cmd := exec.Command(probe, "--help")
+				if err = j.start(cmd); err == nil {
+					_ = cmd.Wait()
+				}
+				if rerr := j.remove(); err == nil {
+					err = rerr
+				}
 			}
 		}
 		if err == nil {
@@ -181,22 +195,41 @@ func setupV2(mounts []cgroupMount) (*cgroups, error) {
 	}
 	home := filepath.Join(root, own[""])
 	if _, err := os.Stat(filepath.Join(home, "cgroup.controllers")); err != nil {
-		home = root
+		home = root // inside a cgroup namespace the path may be relative to the mount already
 	}
-	want := "+memory +pids +cpu"
-	// cgroup v2 lets a cgroup either hold processes or delegate controllers to children, not both. If this
-	// process's cgroup holds processes (it does, it holds us), move them into a leaf of their own first.
-	if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
-		leaf := filepath.Join(home, "server")
-		if err := os.MkdirAll(leaf, 0o755); err != nil {
-			return nil, err
+	// Touch nothing unless the controllers the jail needs are delegated to this cgroup. (On a hybrid host the
+	// cgroup2 mount holds no controllers at all; v1 is the hierarchy to use there.)
+	have, err := os.ReadFile(filepath.Join(home, "cgroup.controllers"))
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range []string{"memory", "pids", "cpu"} {
+		if !slices.Contains(strings.Fields(string(have)), c) {
+			return nil, fmt.Errorf("the %s controller is not available in %s (it has %q)", c, home, strings.TrimSpace(string(have)))
 		}
-		procs, _ := os.ReadFile(filepath.Join(home, "cgroup.procs"))
-		for _, pid := range strings.Fields(string(procs)) {
-			_ = writeFile(filepath.Join(leaf, "cgroup.procs"), pid)
+	}
+	const want = "+memory +pids +cpu"
+	if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
+		// cgroup v2 lets a cgroup either hold processes or hand controllers to children. If this process is what
+		// holds it back, move this process (and only it) into a leaf of its own, and put it back on failure.
+		if !errors.Is(err, syscall.EBUSY) {
+			return nil, fmt.Errorf("enabling controllers in %s: %w", home, err)
+		}
+		leaf := filepath.Join(home, "safepy-server")
+		created := os.Mkdir(leaf, 0o755) == nil
+		pid := strconv.Itoa(os.Getpid())
+		if err := writeFile(filepath.Join(leaf, "cgroup.procs"), pid); err != nil {
+			if created {
+				os.Remove(leaf)
+			}
+			return nil, fmt.Errorf("moving the server into %s: %w", leaf, err)
 		}
 		if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
-			return nil, fmt.Errorf("enabling memory, pids and cpu controllers in %s: %w", home, err)
+			_ = writeFile(filepath.Join(home, "cgroup.procs"), pid)
+			if created {
+				os.Remove(leaf)
+			}
+			return nil, fmt.Errorf("enabling controllers in %s (other processes share it?): %w", home, err)
 		}
 	}
 	base := filepath.Join(home, "safepy")
@@ -230,7 +263,8 @@ func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
 		settings = [][2]string{
 			{j.dirs["memory"] + "/memory.limit_in_bytes", strconv.FormatInt(l.MemoryBytes, 10)},
 			{j.dirs["memory"] + "/memory.swappiness", "0"},
-			{j.dirs["pids"] + "/pids.max", strconv.FormatInt(l.Processes, 10)},
+			{j.dirs["memory"] + "/memory.memsw.limit_in_bytes", strconv.FormatInt(l.MemoryBytes, 10)},
+			{j.dirs["pids"] + "/pids.max", strconv.FormatInt(l.Processes+jailOverheadTasks, 10)},
 			{j.dirs["cpu"] + "/cpu.cfs_period_us", strconv.FormatInt(period, 10)},
 			{j.dirs["cpu"] + "/cpu.cfs_quota_us", strconv.FormatInt(period*l.CPUMsPerSec/1000, 10)},
 		}
@@ -240,7 +274,7 @@ func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
 		settings = [][2]string{
 			{dir + "/memory.max", strconv.FormatInt(l.MemoryBytes, 10)},
 			{dir + "/memory.swap.max", "0"},
-			{dir + "/pids.max", strconv.FormatInt(l.Processes, 10)},
+			{dir + "/pids.max", strconv.FormatInt(l.Processes+jailOverheadTasks, 10)},
 			{dir + "/cpu.max", fmt.Sprintf("%d 100000", 100*l.CPUMsPerSec)},
 		}
 	}
@@ -252,7 +286,8 @@ func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
 	}
 	for _, s := range settings {
 		if err := writeFile(s[0], s[1]); err != nil {
-			optional := strings.HasSuffix(s[0], "swap.max") || strings.HasSuffix(s[0], "swappiness")
+			optional := strings.HasSuffix(s[0], "swap.max") || strings.HasSuffix(s[0], "swappiness") ||
+				strings.HasSuffix(s[0], "memsw.limit_in_bytes")
 			if optional && (errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrInvalid)) {
 				continue // no swap accounting on this kernel: there is no swap to limit
 			}
@@ -329,9 +364,9 @@ func (j *jailCgroup) killAll() {
 				continue
 			}
 			for _, f := range strings.Fields(string(data)) {
-				if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+				if pid, err := strconv.Atoi(f); err == nil && pid > 0 && pid != os.Getpid() {
 					left = true
-					_ = syscall.Kill(pid, syscall.SIGKILL)
+					killIfIn(pid, dir)
 				}
 			}
 		}
@@ -340,6 +375,25 @@ func (j *jailCgroup) killAll() {
 		}
 		time.Sleep(time.Millisecond)
 	}
+}
+
+// killIfIn kills pid if it is still in the cgroup dir. A pidfd pins the process, so a pid that was reused after
+// the cgroup listed it is never signalled: the check runs on the process the pidfd holds.
+func killIfIn(pid int, dir string) {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return // gone already
+	}
+	defer unix.Close(fd)
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	if err != nil {
+		return
+	}
+	rel := "/safepy/" + filepath.Base(dir) // how /proc/PID/cgroup ends the jail's path
+	if !strings.Contains(string(data), rel+"\n") {
+		return
+	}
+	_ = unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
 }
 
 // events reports whether the OOM killer ran in the cgroup and whether a fork was refused by its process limit.

@@ -124,7 +124,7 @@ def run():
         lines = text.splitlines(True)
         linecache.cache[filename] = (len(text), None, lines, filename)
         code = compile(text, filename, "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # SyntaxError mostly; also RecursionError or MemoryError from a pathological source
         fail("syntax", exc)
 
     module = types.ModuleType("script")

@@ -33,7 +33,9 @@ func TestHostileScripts(t *testing.T) {
 		// Processes
 		{"fork bomb", "import os\ndef main():\n    while True:\n        os.fork()\n", ResourceLimitError, LimitProcesses, "process limit of 64"},
 		{"multiprocessing loop", "import multiprocessing, time\ndef main():\n    ps = []\n    for _ in range(200):\n        p = multiprocessing.Process(target=time.sleep, args=(30,))\n        p.start()\n        ps.append(p)\n", ResourceLimitError, LimitProcesses, "process limit of 64"},
-		{"threads are processes too", "import threading, time\ndef main():\n    ts = [threading.Thread(target=time.sleep, args=(30,), daemon=True) for _ in range(200)]\n    for t in ts:\n        t.start()\n", ExecutionError, "", "can't start new thread"},
+		{"threads are processes too", "import threading, time\ndef main():\n    ts = [threading.Thread(target=time.sleep, args=(30,), daemon=True) for _ in range(200)]\n    for t in ts:\n        t.start()\n", ResourceLimitError, LimitProcesses, "process limit of 64"},
+		{"64 processes are the script's own", "import subprocess\ndef main():\n    ps = [subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(30)']) for _ in range(63)]\n    return len(ps) + 1\n", "", "", "64"},
+		{"a source that breaks the compiler", "x = " + strings.Repeat("-", 300000) + "1\n", ExecutionError, "", "MemoryError"}, // the parser's stack, not the jail's memory
 
 		// Output
 		{"100 MiB of stdout", "import os\ndef main():\n    chunk = b'x' * (1 << 20)\n    for _ in range(100):\n        os.write(1, chunk)\n    return 'ok'\n", "", "", `"ok"`},

@@ -67,6 +67,7 @@ type Timing struct {
 // observation is everything the Go side saw of one jail, the only input to classify.
 type observation struct {
 	started   bool
+	stalled   bool   // the jail did not come up within the start-up timeout and was killed
 	frame     []byte // the result channel after the start byte
 	truncated bool   // the frame was longer than its cap
 	exitCode  int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
@@ -88,7 +89,7 @@ type errorFrame struct {
 // classify decides the outcome from what was observed. Nothing the script printed takes part; the result
 // channel is the harness's, and what the script can forge there only harms its own answer.
 func classify(o observation, l Limits, maxResult int) (json.RawMessage, error) {
-	if !o.started {
+	if !o.started || o.stalled {
 		return nil, fmt.Errorf("%w: the jail did not start (nsjail exit status %d)", ErrSandbox, o.exitCode)
 	}
 	if o.timedOut {
@@ -158,13 +159,14 @@ func frameError(f errorFrame, o observation, l Limits, memory *ScriptError) erro
 	}
 	// An exception can be a limit the kernel enforced, seen from inside.
 	switch {
-	case f.Type == "MemoryError" || o.oomKilled:
+	case f.Kind == "exception" && f.Type == "MemoryError" || o.oomKilled:
 		memory.Traceback = f.Traceback
 		return memory
 	case syscall.Errno(f.Errno) == syscall.EFBIG:
 		return &ScriptError{Kind: ResourceLimitError, Limit: LimitFileSize, Traceback: f.Traceback,
 			Message: fmt.Sprintf("the file size limit of %d MiB was exceeded", l.FileSizeMiB)}
-	case syscall.Errno(f.Errno) == syscall.EAGAIN && (o.pidsMax || o.rlimits) && f.Type == "BlockingIOError":
+	case (o.pidsMax || o.rlimits) && (syscall.Errno(f.Errno) == syscall.EAGAIN && f.Type == "BlockingIOError" ||
+		f.Type == "RuntimeError" && strings.Contains(f.Message, "can't start new thread")):
 		return &ScriptError{Kind: ResourceLimitError, Limit: LimitProcesses, Traceback: f.Traceback,
 			Message: fmt.Sprintf("the process limit of %d was reached", l.Processes)}
 	case syscall.Errno(f.Errno) == syscall.ENOSPC:

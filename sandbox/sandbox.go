@@ -82,7 +82,7 @@ func New(cfg Config) (*Runner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
 	}
-	cg, cgErr := detectCgroups(cfg.Cgroup, limits)
+	cg, cgErr := detectCgroups(cfg.Cgroup, limits, cfg.Nsjail)
 	if cg == nil {
 		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %v", ErrSandbox, cfg.Cgroup, cgErr)
 	}
@@ -115,8 +115,9 @@ func New(cfg Config) (*Runner, error) {
 		"--bindmount_ro", harness + ":/safepy/harness.py",
 	}
 	if cg.mode == CgroupNone {
+		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
 		args = append(args, "--rlimit_as", strconv.FormatInt(limits.MemoryBytes>>20, 10),
-			"--rlimit_nproc", strconv.FormatInt(limits.Processes, 10))
+			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
 	}
 	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py")
 
@@ -228,6 +229,7 @@ wait:
 			defer t.Stop()
 			deadline = t.C
 		case <-startup.C:
+			obs.stalled = true
 			kill()
 		case <-deadline:
 			obs.timedOut = true
@@ -256,9 +258,9 @@ wait:
 	obs.oomKilled, obs.pidsMax = cg.events()
 
 	out.Started = obs.started
-	out.Stdout = strings.ToValidUTF8(string(outBytes), "\uFFFD")
+	out.Stdout = stdoutText(outBytes)
 	out.StdoutTruncated = outTrunc
-	out.Stderr = strings.ToValidUTF8(string(errBytes), "\uFFFD")
+	out.Stderr = stdoutText(errBytes)
 	if ctxErr != nil {
 		return out, ctxErr
 	}
@@ -269,6 +271,9 @@ wait:
 	out.Result = result
 	return out, err
 }
+
+// stdoutText is what a client sees of the script's output: bytes that are not UTF-8 become U+FFFD.
+func stdoutText(b []byte) string { return strings.ToValidUTF8(string(b), "\uFFFD") }
 
 func exitCode(err error) int {
 	var ee *exec.ExitError

@@ -1,0 +1,48 @@
+package safepy
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"unicode/utf8"
+)
+
+// FuzzDecodeRequest: whatever the body, decoding either yields a script the contract allows, or a
+// ValidationError with 400 or 413, and never panics.
+func FuzzDecodeRequest(f *testing.F) {
+	for _, seed := range []string{`{"script":"def main(): pass"}`, `{}`, `[]`, `{"script":1}`, `{"script":""}`,
+		`{"script":"x","a":1}`, `{"script":"\ud800"}`, `{"script":"x"} x`, "\xff", `{"script":"x"}` + "\n"} {
+		f.Add([]byte(seed))
+	}
+	const maxBody, maxScript = 256, 64
+	f.Fuzz(func(t *testing.T, body []byte) {
+		r := httptest.NewRequest(http.MethodPost, "/execute", bytes.NewReader(body))
+		w := httptest.NewRecorder()
+		script, status, verr := decodeRequest(w, r, maxBody, maxScript)
+		if verr != nil {
+			if verr.Type != "ValidationError" || (status != 400 && status != 413) || verr.Message == "" {
+				t.Fatalf("error %d %+v", status, verr)
+			}
+			if status == 413 && len(body) <= maxBody {
+				var v struct{ Script string }
+				if json.Unmarshal(body, &v) != nil || len(v.Script) <= maxScript {
+					t.Fatalf("413 for a body and script within their caps: %q", body)
+				}
+			}
+			return
+		}
+		if len(body) > maxBody || len(script) == 0 || len(script) > maxScript || !utf8.Valid(script) {
+			t.Fatalf("accepted %q from %q", script, body)
+		}
+		var fields map[string]json.RawMessage
+		if err := json.Unmarshal(body, &fields); err != nil || len(fields) != 1 {
+			t.Fatalf("accepted a body that is not an object with one field: %q", body)
+		}
+		var s string
+		if err := json.Unmarshal(fields["script"], &s); err != nil || s != string(script) {
+			t.Fatalf("script %q, body says %q", script, s)
+		}
+	})
+}

@@ -1,0 +1,78 @@
+package sandbox
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"testing"
+	"unicode/utf8"
+)
+
+// FuzzResultChannel: whatever arrives on the result channel and however the jail ended, the decision is one of
+// the contract's outcomes, a result only ever comes from a well-formed frame, and nothing panics.
+func FuzzResultChannel(f *testing.F) {
+	for _, seed := range []string{"SR{\"ok\": true}", "SR1180591620717411303425", "SE{\"kind\":\"exception\",\"type\":\"ValueError\",\"message\":\"x\"}",
+		"SE{\"kind\":\"serialization\"}", "SE{\"kind\":\"exception\",\"errno\":27}", "SE{\"kind\":\"missing_main\"}", "SR", "S", "",
+		"X", "SRgarbage", "SE{", "SR[[[[[[[[[[", "SR\"\xff\"", "SRnull" + "Rnull"} {
+		f.Add([]byte(seed), 0, uint8(0))
+		f.Add([]byte(seed), 137, uint8(0b0100))
+	}
+	limits := Limits{Wall: 3e9, MemoryBytes: 256 << 20, Processes: 64, CPUSeconds: 3, FileSizeMiB: 10, TmpfsBytes: 32 << 20}
+	const maxResult = 64
+	f.Fuzz(func(t *testing.T, data []byte, exit int, flags uint8) {
+		started := make(chan struct{})
+		res := <-readResultAsync(bytes.NewReader(data), started, maxResult+16)
+		o := observation{started: res.started, frame: res.data, truncated: res.truncated, exitCode: exit,
+			timedOut: flags&1 != 0, pidsMax: flags&2 != 0, oomKilled: flags&4 != 0, rlimits: flags&8 != 0}
+		result, err := classify(o, limits, maxResult)
+		var se *ScriptError
+		switch {
+		case !res.started:
+			if !errors.Is(err, ErrSandbox) || result != nil {
+				t.Fatalf("a jail that never started gave %s, %v", result, err)
+			}
+		case err == nil:
+			if o.timedOut || len(data) < 2 || data[1] != 'R' || !json.Valid(result) || len(result) > maxResult ||
+				!bytes.Equal(result, bytes.TrimSpace(data[2:])) {
+				t.Fatalf("result %q from %q", result, data)
+			}
+		case errors.As(err, &se):
+			switch se.Kind {
+			case ExecutionError, SerializationError, TimeoutError, ResourceLimitError:
+			default:
+				t.Fatalf("kind %q", se.Kind)
+			}
+			if se.Message == "" && se.Kind != ExecutionError {
+				t.Fatalf("no message: %+v", se)
+			}
+			if o.timedOut && se.Kind != TimeoutError {
+				t.Fatalf("the deadline fired but the outcome is %s", se.Kind)
+			}
+		default:
+			t.Fatalf("a started jail gave %v", err)
+		}
+	})
+}
+
+// FuzzStdout: stdout is read to its end, cut at its cap, flagged when cut, and always valid UTF-8.
+func FuzzStdout(f *testing.F) {
+	for _, seed := range []string{"hello\n", "\xff\xfe", "é", "\xe2\x82", strings64} {
+		f.Add([]byte(seed))
+	}
+	const max = 16
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := bytes.NewReader(data)
+		c := drain(r, max)
+		if r.Len() != 0 {
+			t.Fatal("not drained to the end")
+		}
+		if len(c.data) > max || c.truncated != (len(data) > max) || !bytes.HasPrefix(data, c.data) {
+			t.Fatalf("kept %q (truncated %v) of %q", c.data, c.truncated, data)
+		}
+		if text := stdoutText(c.data); !utf8.ValidString(text) {
+			t.Fatalf("invalid UTF-8 %q", text)
+		}
+	})
+}
+
+const strings64 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"

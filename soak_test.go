@@ -1,0 +1,171 @@
+package safepy
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/safe-py/safepy/workload"
+)
+
+// resourceCount is what a leak would leave behind.
+type resourceCount struct {
+	goroutines, fds, children, jailProcesses, tempDirs, cgroups int
+}
+
+func countResources() resourceCount {
+	var c resourceCount
+	c.goroutines = runtime.NumGoroutine()
+	fds, _ := os.ReadDir("/proc/self/fd")
+	c.fds = len(fds)
+	self := fmt.Sprint(os.Getpid())
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		stat, err := os.ReadFile(filepath.Join("/proc", p.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		if f := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:])); len(f) > 1 && f[1] == self {
+			c.children++
+		}
+		if status, err := os.ReadFile(filepath.Join("/proc", p.Name(), "status")); err == nil &&
+			strings.Contains(string(status), "\nUid:\t65534\t") {
+			c.jailProcesses++
+		}
+	}
+	tmp, _ := os.ReadDir(os.TempDir())
+	for _, e := range tmp {
+		if strings.HasPrefix(e.Name(), "safepy-") || strings.HasPrefix(e.Name(), "nsjail") {
+			c.tempDirs++
+		}
+	}
+	for _, base := range []string{"/sys/fs/cgroup/memory/safepy", "/sys/fs/cgroup/pids/safepy", "/sys/fs/cgroup/safepy"} {
+		entries, _ := os.ReadDir(base)
+		for _, e := range entries {
+			if e.IsDir() {
+				c.cgroups++
+			}
+		}
+	}
+	return c
+}
+
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
+// After 1,000 mixed requests, good and hostile, at a concurrency above the slots: every answer is the right one,
+// and nothing is left over: goroutines, descriptors, processes, temporary directories, cgroups, memory.
+func TestNoLeaksAfterManyRequests(t *testing.T) {
+	const requests, clients = 1000, 8
+	cfg, err := ConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Slots, cfg.Queue, cfg.QueueWait = 4, 2*clients, time.Minute // enough queue that nothing is refused
+	svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	ts := httptest.NewServer(svc)
+	defer ts.Close()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
+
+	mix := workload.Round()
+	bodies := make([]string, len(workload.Mix))
+	for i, s := range workload.Mix {
+		bodies[i] = scriptBody(s.Source)
+	}
+	send := func(i int) error {
+		s := workload.Mix[i]
+		resp, err := client.Post(ts.URL+"/execute", "application/json", strings.NewReader(bodies[i]))
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		var body struct{ Error apiError }
+		b, _ := io.ReadAll(resp.Body)
+		json.Unmarshal(b, &body)
+		if resp.StatusCode != s.Status || body.Error.Type != s.Type {
+			return fmt.Errorf("%s: got %d %s, want %d %s", s.Name, resp.StatusCode, b[:min(len(b), 300)], s.Status, s.Type)
+		}
+		return nil
+	}
+
+	send(0) // warm up the client's connection and the server's buffers
+	client.CloseIdleConnections()
+	ts.CloseClientConnections()
+	before, heapBefore := settle(countResources()), heapInUse()
+
+	jobs := make(chan int)
+	errs := make(chan error, requests)
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				if err := send(i); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	for n := 0; n < requests; n++ {
+		jobs <- mix[n%len(mix)]
+	}
+	close(jobs)
+	wg.Wait()
+	close(errs)
+	failures := 0
+	for err := range errs {
+		if failures++; failures <= 10 {
+			t.Error(err)
+		}
+	}
+	if failures > 0 {
+		t.Fatalf("%d of %d requests got a wrong answer", failures, requests)
+	}
+
+	client.CloseIdleConnections()
+	ts.CloseClientConnections()
+	var after resourceCount
+	waitFor(t, "resources to return to where they started", func() bool {
+		after = countResources()
+		return after.goroutines <= before.goroutines && after.fds <= before.fds && after.children == 0 &&
+			after.jailProcesses == 0 && after.tempDirs <= before.tempDirs && after.cgroups == 0
+	})
+	heapAfter := heapInUse()
+	t.Logf("before %+v heap %d KiB; after %+v heap %d KiB", before, heapBefore>>10, after, heapAfter>>10)
+	if heapAfter > heapBefore+8<<20 {
+		t.Fatalf("heap grew from %d KiB to %d KiB", heapBefore>>10, heapAfter>>10)
+	}
+}
+
+// settle waits briefly for goroutines of finished connections to end, so the baseline is not inflated.
+func settle(c resourceCount) resourceCount {
+	for i := 0; i < 100; i++ {
+		time.Sleep(10 * time.Millisecond)
+		n := countResources()
+		if n == c {
+			return n
+		}
+		c = n
+	}
+	return c
+}
