@@ -21,6 +21,8 @@ type Config struct {
 	Queue     int           // SAFEPY_QUEUE: requests waiting for a slot; -1 means twice the slots
 	QueueWait time.Duration // SAFEPY_QUEUE_WAIT: the longest wait for a slot
 
+	ProjectID string // GOOGLE_CLOUD_PROJECT: for trace correlation in the logs
+
 	Sandbox sandbox.Config
 }
 
@@ -70,6 +72,7 @@ func ConfigFromEnv() (Config, error) {
 		Slots:          num("SAFEPY_SLOTS", 0),
 		Queue:          queue,
 		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 3*time.Second),
+		ProjectID:      os.Getenv("GOOGLE_CLOUD_PROJECT"),
 		Sandbox: sandbox.Config{
 			RuntimeDir:     runtimeDir,
 			Nsjail:         str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),

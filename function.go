@@ -24,7 +24,8 @@ var shared struct {
 }
 
 // Prepare builds the service from the environment and runs its start-up self-check, once per process. The
-// function calls it on first use; a main calls it before serving so that a broken sandbox stops the start.
+// function calls it on first use; a main calls it (or PrepareWith) before serving, so that a broken sandbox stops
+// the start.
 func Prepare() (*Service, error) {
 	shared.once.Do(func() {
 		cfg, err := ConfigFromEnv()
@@ -34,6 +35,12 @@ func Prepare() (*Service, error) {
 		}
 		shared.svc, shared.err = NewService(cfg, slog.Default())
 	})
+	return shared.svc, shared.err
+}
+
+// PrepareWith is Prepare with a configuration the caller already read.
+func PrepareWith(cfg Config) (*Service, error) {
+	shared.once.Do(func() { shared.svc, shared.err = NewService(cfg, slog.Default()) })
 	return shared.svc, shared.err
 }
 

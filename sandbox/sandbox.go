@@ -55,6 +55,7 @@ type Info struct {
 	CgroupMode CgroupMode
 	CgroupNote string // why cgroups are not used, in rlimits mode
 	Limits     Limits
+	Versions   string // what runtime/install.sh installed (nsjail, Python, packages)
 }
 
 // New checks the sandbox's pieces and prepares what every execution shares. It does not start a jail; SelfCheck
@@ -127,6 +128,9 @@ func New(cfg Config) (*Runner, error) {
 // Info reports the enforcement mode and limits.
 func (r *Runner) Info() Info {
 	info := Info{CgroupMode: r.cgroups.mode, Limits: r.limits}
+	if v, err := os.ReadFile(filepath.Join(r.cfg.RuntimeDir, "versions.txt")); err == nil {
+		info.Versions = strings.Join(strings.Fields(strings.ReplaceAll(string(v), "\n", "; ")), " ")
+	}
 	if r.cgroupErr != nil {
 		info.CgroupNote = r.cgroupErr.Error()
 	}
@@ -266,7 +270,7 @@ wait:
 	}
 	result, err := classify(obs, r.limits, r.cfg.MaxResultBytes)
 	if errors.Is(err, ErrSandbox) {
-		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s", err, firstLines(logBytes, 3), firstLines(errBytes, 3))
+		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s%s", err, firstLines(logBytes, 3), firstLines(errBytes, 3), hint(logBytes))
 	}
 	out.Result = result
 	return out, err
@@ -293,6 +297,21 @@ func newID() string {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// hint turns nsjail's account of a jail that could not be made into what to do about it.
+func hint(nsjailLog []byte) string {
+	log := string(nsjailLog)
+	switch {
+	case strings.Contains(log, "clone(flags=") && strings.Contains(log, "CLONE_NEWUSER") && strings.Contains(log, "failed"):
+		return ". Hint: this host refuses new user namespaces. On Cloud Run, deploy with --execution-environment=gen2 " +
+			"(gen1's gVisor refuses what nsjail needs); elsewhere run as root on a kernel that allows user namespaces " +
+			"(user.max_user_namespaces > 0)"
+	case strings.Contains(log, "try 'chmod o+x'"):
+		return ". Hint: the jail's user cannot reach the runtime directory; every directory above SAFEPY_RUNTIME_DIR " +
+			"must be searchable by others (or install the runtime elsewhere, such as /opt/safe-py)"
+	}
+	return ""
 }
 
 // firstLines returns the first n lines of b that are not nsjail's informational messages: the first error is the

@@ -3,6 +3,11 @@
 // The function is registered with the Functions Framework in the root package's init. The framework's own Start
 // serves it with an http.Server that has no timeouts and no graceful shutdown, so this main serves the same
 // registered function from a server of its own; FUNCTION_TARGET must name it.
+//
+// Start-up: the configuration is read, logs go to stdout in Cloud Logging's format, and a self-check runs a real
+// script in the real jail before the port opens; if the jail cannot be made, it logs why and exits 1.
+// Shutdown (SIGTERM, as Cloud Run sends it, or Ctrl-C): stop accepting, let running executions finish within
+// SAFEPY_SHUTDOWN_GRACE (8 s; Cloud Run allows 10), kill the jails of any still running, exit 0.
 package main
 
 import (
@@ -17,7 +22,10 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"github.com/safe-py/safepy"
+	"github.com/safe-py/safepy/cloudlog"
 )
 
 func main() {
@@ -28,42 +36,76 @@ func main() {
 }
 
 func run() error {
+	cfg, err := safepy.ConfigFromEnv()
+	slog.SetDefault(slog.New(cloudlog.NewHandler(os.Stdout, cloudlog.Options{ProjectID: cfg.ProjectID,
+		Labels: map[string]string{"service": "safe-py"}})))
+	if err != nil {
+		return err
+	}
 	port := os.Getenv("PORT")
 	if port == "" {
 		port = "8080"
 	}
+	grace := 8 * time.Second
+	if v := os.Getenv("SAFEPY_SHUTDOWN_GRACE"); v != "" {
+		if grace, err = time.ParseDuration(v); err != nil || grace < 0 {
+			return fmt.Errorf("SAFEPY_SHUTDOWN_GRACE must be a duration such as 8s, not %q", v)
+		}
+	}
 	if target := os.Getenv("FUNCTION_TARGET"); target != "" && target != safepy.FunctionName {
 		return fmt.Errorf("FUNCTION_TARGET is %q, but this binary serves only %q", target, safepy.FunctionName)
 	}
-	// The self-check runs before the port opens: a sandbox that cannot run scripts never serves.
-	if _, err := safepy.Prepare(); err != nil {
+
+	svc, err := safepy.PrepareWith(cfg)
+	if err != nil {
 		return fmt.Errorf("the sandbox cannot run scripts, refusing to serve: %w", err)
 	}
+	defer svc.Close()
 
+	ln, err := net.Listen("tcp", net.JoinHostPort("", port))
+	if err != nil {
+		return err
+	}
+	// Connections beyond what the service can hold would only buffer request bodies for a 503.
+	ln = netutil.LimitListener(ln, 4*svc.Capacity()+16)
+
+	// Executions run under this context: cancelling it kills every jail still running.
+	execCtx, killJails := context.WithCancel(context.Background())
+	defer killJails()
 	srv := &http.Server{
-		Addr:              net.JoinHostPort("", port),
 		Handler:           http.HandlerFunc(safepy.Execute),
+		BaseContext:       func(net.Listener) context.Context { return execCtx },
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      60 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
-	defer stop()
+	stop, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer cancel()
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
+	go func() { errc <- srv.Serve(ln) }()
 	slog.Info("serving", "port", port, "function", safepy.FunctionName)
+
 	select {
 	case err := <-errc:
 		return err
-	case <-ctx.Done():
+	case <-stop.Done():
 	}
-	slog.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 9*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+	slog.Info("shutting down: no new requests; running executions may finish", "grace", grace.String())
+	svc.Drain()
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), grace)
+	defer cancelGrace()
+	if err := srv.Shutdown(graceCtx); err != nil {
+		slog.Warn("grace period over: killing the jails still running", "error", err.Error())
+		killJails()
+		closeCtx, cancelClose := context.WithTimeout(context.Background(), time.Second)
+		defer cancelClose()
+		if err := srv.Shutdown(closeCtx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+		srv.Close()
 	}
+	slog.Info("stopped")
 	return nil
 }

@@ -1,0 +1,335 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// These tests build the real binary and run it as Cloud Run would: a process with a port, logs on stdout, and
+// SIGTERM to stop it.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "safepy-bin-")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "safe-py")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building the server: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type server struct {
+	cmd  *exec.Cmd
+	url  string
+	mu   sync.Mutex
+	logs []map[string]any
+	raw  []string
+	done chan struct{}
+}
+
+func freePort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// start runs the server with env added to a clean environment pointing at the repository's runtime and jail.
+func start(t *testing.T, wrap []string, env ...string) *server {
+	t.Helper()
+	root, _ := filepath.Abs("../..")
+	rt := os.Getenv("SAFEPY_RUNTIME_DIR")
+	if rt == "" {
+		rt = filepath.Join(root, ".runtime")
+	}
+	port := freePort(t)
+	args := append(append([]string{}, wrap...), binary)
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "PORT=" + port, "SAFEPY_RUNTIME_DIR=" + rt,
+		"SAFEPY_NSJAIL_CONFIG=" + filepath.Join(root, "nsjail.cfg"), "GOOGLE_CLOUD_PROJECT=test-project"}, env...)
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &server{cmd: cmd, url: "http://127.0.0.1:" + port, done: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			s.mu.Lock()
+			s.raw = append(s.raw, sc.Text())
+			if json.Unmarshal(sc.Bytes(), &m) == nil {
+				s.logs = append(s.logs, m)
+			} else {
+				s.logs = append(s.logs, map[string]any{"unparsed": sc.Text()})
+			}
+			s.mu.Unlock()
+		}
+		close(s.done)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-s.done
+		cmd.Wait()
+	})
+	return s
+}
+
+func (s *server) waitHealthy(t *testing.T) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if resp, err := http.Get(s.url + "/healthz"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		select {
+		case <-s.done:
+			t.Fatalf("the server exited: %s", strings.Join(s.lines(), "\n"))
+		default:
+		}
+	}
+	t.Fatalf("never healthy: %s", strings.Join(s.lines(), "\n"))
+}
+
+func (s *server) lines() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string{}, s.raw...)
+}
+
+func (s *server) entries(message string) []map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []map[string]any
+	for _, m := range s.logs {
+		if m["message"] == message {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// exit waits for the process to end and returns its exit code.
+func (s *server) exit(t *testing.T) int {
+	t.Helper()
+	select {
+	case <-s.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server did not exit")
+	}
+	err := s.cmd.Wait()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0
+}
+
+func post(url, script string, header map[string]string) (int, string, error) {
+	body, _ := json.Marshal(map[string]string{"script": script})
+	req, _ := http.NewRequest("POST", url+"/execute", strings.NewReader(string(body)))
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// The logs, parsed from the real process's stdout: one JSON object per line, in Cloud Logging's shape, with the
+// request's trace, and never the script, its output or its result.
+func TestLogs(t *testing.T) {
+	s := start(t, nil)
+	s.waitHealthy(t)
+	script := "# SOURCE-MARKER\ndef main():\n    print('OUTPUT-MARKER')\n    return 'RESULT-MARKER'\n"
+	status, body, err := post(s.url, script, map[string]string{
+		"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+	if err != nil || status != 200 || !strings.Contains(body, "RESULT-MARKER") {
+		t.Fatalf("%d %s %v", status, body, err)
+	}
+	post(s.url, "def main(:\n", map[string]string{"X-Cloud-Trace-Context": "105445aa7843bc8bf206b12000100000/1;o=1"})
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.exit(t); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+
+	for _, line := range s.lines() {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Errorf("not a JSON object: %q", line)
+			continue
+		}
+		if _, err := time.Parse(time.RFC3339Nano, fmt.Sprint(m["time"])); err != nil || m["severity"] == nil || m["message"] == nil {
+			t.Errorf("missing severity, message or RFC 3339 time: %q", line)
+		}
+		for _, marker := range []string{"SOURCE-MARKER", "OUTPUT-MARKER", "RESULT-MARKER"} {
+			if strings.Contains(line, marker) {
+				t.Errorf("the log carries the script's %s: %q", marker, line)
+			}
+		}
+	}
+	ready := s.entries("sandbox ready")
+	if len(ready) != 1 || ready[0]["cgroup_mode"] == nil || !strings.Contains(fmt.Sprint(ready[0]["versions"]), "nsjail 3.6") ||
+		!strings.Contains(fmt.Sprint(ready[0]["versions"]), "python 3.11") {
+		t.Errorf("start-up entry: %v", ready)
+	}
+	execs := s.entries("execution")
+	if len(execs) != 2 {
+		t.Fatalf("%d execution entries, want one per execution: %v", len(execs), execs)
+	}
+	ok, bad := execs[0], execs[1]
+	if ok["severity"] != "INFO" || ok["outcome"] != "ok" || ok["logging.googleapis.com/trace"] != "projects/test-project/traces/0af7651916cd43dd8448eb211c80319c" ||
+		ok["logging.googleapis.com/spanId"] != "b7ad6b7169203331" || ok["script_bytes"] != float64(len(script)) || ok["script_sha256"] == nil {
+		t.Errorf("execution entry: %v", ok)
+	}
+	for _, k := range []string{"queue_ms", "startup_ms", "run_ms", "total_ms"} {
+		if _, isNum := ok[k].(float64); !isNum {
+			t.Errorf("%s missing: %v", k, ok)
+		}
+	}
+	hr, _ := ok["httpRequest"].(map[string]any)
+	if hr["requestMethod"] != "POST" || hr["status"] != 200.0 || hr["latency"] == nil || hr["responseSize"] == nil {
+		t.Errorf("httpRequest: %v", hr)
+	}
+	if bad["outcome"] != "ExecutionError" || bad["logging.googleapis.com/trace"] != "projects/test-project/traces/105445aa7843bc8bf206b12000100000" {
+		t.Errorf("second entry: %v", bad)
+	}
+}
+
+// If the jail cannot be made, the server never serves: it logs why, with what to do, and exits non-zero.
+func TestSelfCheckFailsClosed(t *testing.T) {
+	root, _ := filepath.Abs("../..")
+	cfg, _ := os.ReadFile(filepath.Join(root, "nsjail.cfg"))
+	broken := filepath.Join(t.TempDir(), "nsjail.cfg")
+	os.WriteFile(broken, append(cfg, []byte("\nmount { src: \"/nonexistent-safepy\" dst: \"/x\" is_bind: true }\n")...), 0o644)
+
+	tests := []struct {
+		name string
+		wrap []string
+		env  []string
+		want string
+	}{
+		{"a mount the jail needs is missing", nil, []string{"SAFEPY_NSJAIL_CONFIG=" + broken}, "Failed to mount mandatory point"},
+		{"nsjail is missing", nil, []string{"SAFEPY_NSJAIL=/nonexistent/nsjail"}, "run runtime/install.sh"},
+		// A user namespace in which no further user namespace may be made: what Cloud Run's gen1 looks like to nsjail.
+		{"user namespaces refused", []string{"unshare", "--user", "--map-root-user", "sh", "-c", "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$0\""},
+			nil, "--execution-environment=gen2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := start(t, tt.wrap, tt.env...)
+			if code := s.exit(t); code == 0 {
+				t.Fatal("the server exited 0")
+			}
+			stopped := s.entries("safe-py stopped")
+			if len(stopped) != 1 || stopped[0]["severity"] != "ERROR" || !strings.Contains(fmt.Sprint(stopped[0]["error"]), tt.want) {
+				t.Fatalf("want an ERROR naming %q; logs:\n%s", tt.want, strings.Join(s.lines(), "\n"))
+			}
+			if len(s.entries("serving")) != 0 {
+				t.Fatal("it served")
+			}
+		})
+	}
+}
+
+// SIGTERM lets a running execution finish and answer, then the server exits 0 and leaves no jail behind.
+func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
+	s := start(t, nil)
+	s.waitHealthy(t)
+	type answer struct {
+		status int
+		body   string
+		err    error
+	}
+	got := make(chan answer, 1)
+	go func() {
+		status, body, err := post(s.url, "import time\ndef main():\n    time.sleep(1.5)\n    return 'finished'\n", nil)
+		got <- answer{status, body, err}
+	}()
+	waitFor(t, func() bool { return jailProcesses() > 0 })
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	a := <-got
+	if a.err != nil || a.status != 200 || !strings.Contains(a.body, `"result":"finished"`) {
+		t.Fatalf("in-flight request: %d %s %v", a.status, a.body, a.err)
+	}
+	if code := s.exit(t); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
+	waitFor(t, func() bool { return jailProcesses() == 0 })
+}
+
+// An execution that outlives the grace period is killed, and the server still exits 0 with nothing left behind.
+func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
+	s := start(t, nil, "SAFEPY_SHUTDOWN_GRACE=300ms")
+	s.waitHealthy(t)
+	got := make(chan error, 1)
+	go func() {
+		_, _, err := post(s.url, "import time\ndef main():\n    time.sleep(60)\n", nil)
+		got <- err
+	}()
+	waitFor(t, func() bool { return jailProcesses() > 0 })
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.exit(t); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	<-got
+	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
+	waitFor(t, func() bool { return jailProcesses() == 0 })
+	if len(s.entries("grace period over: killing the jails still running")) != 1 {
+		t.Fatalf("logs:\n%s", strings.Join(s.lines(), "\n"))
+	}
+}
+
+// jailProcesses counts the host's processes running as nobody: the jails' processes.
+func jailProcesses() int {
+	n := 0
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if status, err := os.ReadFile(filepath.Join("/proc", p.Name(), "status")); err == nil &&
+			strings.Contains(string(status), "\nUid:\t65534\t") {
+			n++
+		}
+	}
+	return n
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("gave up waiting")
+		}
+	}
+}
