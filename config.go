@@ -17,8 +17,9 @@ type Config struct {
 	MaxBodyBytes   int64 // SAFEPY_MAX_BODY_BYTES
 	MaxScriptBytes int   // SAFEPY_MAX_SCRIPT_BYTES
 
-	Slots     int           // SAFEPY_SLOTS: jails running at once; 0 means from CPUs and memory
-	Queue     int           // SAFEPY_QUEUE: requests waiting for a slot; -1 means twice the slots
+	Slots int // SAFEPY_SLOTS: jails running at once; 0 means from CPUs and memory
+	Queue int // SAFEPY_QUEUE: requests waiting for a slot; -1 means twice the slots
+	// Sandbox.PoolSize is SAFEPY_POOL_SIZE: warm jails kept ready; -1 means one per slot, 0 turns the pool off.
 	QueueWait time.Duration // SAFEPY_QUEUE_WAIT: the longest wait for a slot
 
 	ProjectID string // GOOGLE_CLOUD_PROJECT: for trace correlation in the logs
@@ -59,18 +60,22 @@ func ConfigFromEnv() (Config, error) {
 		}
 		return d
 	}
-	queue := -1
-	if os.Getenv("SAFEPY_QUEUE") == "0" {
-		queue = 0
-	} else if os.Getenv("SAFEPY_QUEUE") != "" {
-		queue = num("SAFEPY_QUEUE", 0)
+	// For these, 0 is a setting (none), and unset means a default derived from the machine.
+	orDerived := func(name string) int {
+		switch v := os.Getenv(name); v {
+		case "":
+			return -1
+		case "0":
+			return 0
+		}
+		return num(name, 0)
 	}
 	runtimeDir := str("SAFEPY_RUNTIME_DIR", ".runtime")
 	cfg := Config{
 		MaxBodyBytes:   int64(num("SAFEPY_MAX_BODY_BYTES", 2<<20)),
 		MaxScriptBytes: num("SAFEPY_MAX_SCRIPT_BYTES", 1<<20),
 		Slots:          num("SAFEPY_SLOTS", 0),
-		Queue:          queue,
+		Queue:          orDerived("SAFEPY_QUEUE"),
 		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 3*time.Second),
 		ProjectID:      os.Getenv("GOOGLE_CLOUD_PROJECT"),
 		Sandbox: sandbox.Config{
@@ -80,6 +85,8 @@ func ConfigFromEnv() (Config, error) {
 			Cgroup:         str("SAFEPY_CGROUP", "auto"),
 			MaxStdoutBytes: num("SAFEPY_MAX_STDOUT_BYTES", 1<<20),
 			MaxResultBytes: num("SAFEPY_MAX_RESULT_BYTES", 1<<20),
+			PoolSize:       orDerived("SAFEPY_POOL_SIZE"),
+			PoolMaxAge:     duration("SAFEPY_POOL_MAX_AGE", 5*time.Minute),
 		},
 	}
 	if len(errs) > 0 {

@@ -318,6 +318,7 @@ func TestFailsClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer svc.Close()
+		svc.runner.Close()
 		svc.runner = brokenRunner(t, c)
 		w := httptest.NewRecorder()
 		svc.ServeHTTP(w, httptest.NewRequest("POST", "/execute", strings.NewReader(scriptBody("def main():\n    return 1\n"))))

@@ -45,20 +45,27 @@ const selfCheckWant = `{"uid": 1000, "rows": 2, "sum": 3}`
 // NewService prepares the sandbox and proves it works by running a script in it. It returns an error, and no
 // service, if the sandbox cannot run scripts.
 func NewService(cfg Config, log *slog.Logger) (*Service, error) {
+	limits, err := sandbox.ReadLimits(cfg.Sandbox.JailConfig)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", sandbox.ErrSandbox, err)
+	}
+	if cfg.Slots <= 0 {
+		cfg.Slots = defaultSlots(limits.MemoryBytes)
+	}
+	if cfg.Queue < 0 {
+		cfg.Queue = 2 * cfg.Slots
+	}
+	if cfg.Sandbox.PoolSize < 0 {
+		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
+	}
 	runner, err := sandbox.New(cfg.Sandbox)
 	if err != nil {
 		return nil, err
 	}
 	info := runner.Info()
-	if cfg.Slots <= 0 {
-		cfg.Slots = defaultSlots(info.Limits.MemoryBytes)
-	}
-	if cfg.Queue < 0 {
-		cfg.Queue = 2 * cfg.Slots
-	}
 	attrs := []any{"cgroup_mode", info.CgroupMode, "versions", info.Versions, "wall", info.Limits.Wall.String(),
 		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes,
-		"slots", cfg.Slots, "queue", cfg.Queue, "queue_wait", cfg.QueueWait.String()}
+		"slots", cfg.Slots, "queue", cfg.Queue, "queue_wait", cfg.QueueWait.String(), "pool", cfg.Sandbox.PoolSize}
 	if info.CgroupMode == sandbox.CgroupNone {
 		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
 			append(attrs, "reason", info.CgroupNote)...)
@@ -85,6 +92,9 @@ func (s *Service) Drain() { s.ready.Store(false) }
 
 // Slots is the number of executions that run at once.
 func (s *Service) Slots() int { return s.gate.Slots() }
+
+// WarmJails is how many warm jails are ready now, and how many the pool keeps.
+func (s *Service) WarmJails() (ready, size int) { return s.runner.WarmJails(), s.cfg.Sandbox.PoolSize }
 
 // Capacity is how many requests the service holds at once, running or queued.
 func (s *Service) Capacity() int { return s.cfg.Slots + s.cfg.Queue }
@@ -154,7 +164,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	}
 	out, err := s.runner.Run(r.Context(), script)
 	release()
-	entry = append(entry, slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
+	entry = append(entry, slog.Bool("warm", out.Warm), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
 		slog.Float64("total_ms", ms(time.Since(begin))))
 
 	var se *sandbox.ScriptError

@@ -69,7 +69,9 @@ func heapInUse() uint64 {
 }
 
 // After 1,000 mixed requests, good and hostile, at a concurrency above the slots: every answer is the right one,
-// and nothing is left over: goroutines, descriptors, processes, temporary directories, cgroups, memory.
+// and nothing is left over: goroutines, descriptors, processes, temporary directories, cgroups, memory. Counted
+// twice: with the service still up and its pool of warm jails full again (the same counts as before the load),
+// and after the service is closed (the same counts as before it existed).
 func TestNoLeaksAfterManyRequests(t *testing.T) {
 	const requests, clients = 1000, 8
 	cfg, err := ConfigFromEnv()
@@ -77,13 +79,17 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Slots, cfg.Queue, cfg.QueueWait = 4, 2*clients, time.Minute // enough queue that nothing is refused
+	cfg.Sandbox.PoolSize = 4
+	if shared, _ := Prepare(); shared != nil { // the package's shared service: its pool counts in the baseline
+		waitFor(t, "the shared service's pool to fill", func() bool { ready, size := shared.WarmJails(); return ready == size })
+	}
+	beforeService := settle(countResources())
 	svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer svc.Close()
 	ts := httptest.NewServer(svc)
-	defer ts.Close()
+	poolFull := func() bool { ready, size := svc.WarmJails(); return ready == size }
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
 
 	mix := workload.Round()
@@ -110,6 +116,7 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 	send(0) // warm up the client's connection and the server's buffers
 	client.CloseIdleConnections()
 	ts.CloseClientConnections()
+	waitFor(t, "the pool to fill", poolFull)
 	before, heapBefore := settle(countResources()), heapInUse()
 
 	jobs := make(chan int)
@@ -145,16 +152,28 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 	client.CloseIdleConnections()
 	ts.CloseClientConnections()
 	var after resourceCount
-	waitFor(t, "resources to return to where they started", func() bool {
+	waitFor(t, "resources to return to where they were with the pool full", func() bool {
 		after = countResources()
-		return after.goroutines <= before.goroutines && after.fds <= before.fds && after.children == 0 &&
-			after.jailProcesses == 0 && after.tempDirs <= before.tempDirs && after.cgroups == 0
+		return poolFull() && after.goroutines <= before.goroutines && after.fds <= before.fds &&
+			after.children <= before.children && after.jailProcesses <= before.jailProcesses &&
+			after.tempDirs <= before.tempDirs && after.cgroups <= before.cgroups
 	})
 	heapAfter := heapInUse()
 	t.Logf("before %+v heap %d KiB; after %+v heap %d KiB", before, heapBefore>>10, after, heapAfter>>10)
 	if heapAfter > heapBefore+8<<20 {
 		t.Fatalf("heap grew from %d KiB to %d KiB", heapBefore>>10, heapAfter>>10)
 	}
+
+	ts.Close()
+	svc.Close()
+	waitFor(t, fmt.Sprintf("resources to return to where they were before the service (%+v)", beforeService), func() bool {
+		after = countResources()
+		// (The package's shared service, with its own warm jails, is in both counts.)
+		return after.goroutines <= beforeService.goroutines && after.fds <= beforeService.fds &&
+			after.children <= beforeService.children && after.jailProcesses <= beforeService.jailProcesses &&
+			after.tempDirs <= beforeService.tempDirs && after.cgroups <= beforeService.cgroups
+	})
+	t.Logf("before the service %+v; after closing it %+v", beforeService, after)
 }
 
 // settle waits briefly for goroutines of finished connections to end, so the baseline is not inflated.

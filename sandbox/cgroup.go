@@ -348,6 +348,36 @@ func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
 	return nil
 }
 
+// raiseMemory sets the memory limit to what the cgroup holds now plus extra, so that a script gets extra bytes of
+// its own whatever the jail had loaded before it arrived.
+func (j *jailCgroup) raiseMemory(extra int64) error {
+	if j == nil {
+		return nil
+	}
+	usageFile, limitFiles := filepath.Join(j.dirs[""], "memory.current"), []string{filepath.Join(j.dirs[""], "memory.max")}
+	if j.mode == CgroupV1 {
+		dir := j.dirs["memory"]
+		usageFile = filepath.Join(dir, "memory.usage_in_bytes")
+		// memory+swap may never be below memory: raise it first.
+		limitFiles = []string{filepath.Join(dir, "memory.memsw.limit_in_bytes"), filepath.Join(dir, "memory.limit_in_bytes")}
+	}
+	data, err := os.ReadFile(usageFile)
+	if err != nil {
+		return err
+	}
+	usage, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		return err
+	}
+	limit := strconv.FormatInt(usage+extra, 10)
+	for _, f := range limitFiles {
+		if err := writeFile(f, limit); err != nil && !(strings.Contains(f, "memsw") && errors.Is(err, os.ErrNotExist)) {
+			return err
+		}
+	}
+	return nil
+}
+
 // killAll kills every process left in the cgroup and waits until it is empty.
 func (j *jailCgroup) killAll() {
 	if j == nil {

@@ -17,7 +17,9 @@ import os
 import sys
 
 SCRIPT_FD, RESULT_FD = 3, 4
-PRELOAD = sys.argv[1:]  # modules to import before the script arrives (a warm jail)
+CPU_SECONDS = int(sys.argv[1])  # the script's CPU-time limit, per process, counted from its arrival
+AS_BYTES = int(sys.argv[2])  # without cgroups: the script's address space on top of the jail's; 0 with cgroups
+PRELOAD = sys.argv[3:]  # modules to import before the script arrives (a warm jail)
 
 
 def write_all(fd, data):
@@ -68,6 +70,18 @@ def run():
         chunks.append(chunk)
     os.close(SCRIPT_FD)
     source = b"".join(chunks)
+
+    # The script's limits count from now, not from the jail's start: what the harness spent starting up and
+    # preloading is not the script's. RLIMIT_CPU is whole seconds; the hard limit kills one second after SIGXCPU.
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = int(usage.ru_utime + usage.ru_stime + CPU_SECONDS + 0.999)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    if AS_BYTES:
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (size + AS_BYTES, size + AS_BYTES))
 
     import json
     import linecache

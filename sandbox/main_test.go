@@ -26,9 +26,17 @@ func testConfig() Config {
 	}
 }
 
+// The shared runner is configured as the service runs by default: with a pool of warm jails. Requests that find
+// the pool empty (the tests are quicker than its refills) run cold, so both paths run throughout.
+func sharedConfig() Config {
+	cfg := testConfig()
+	cfg.PoolSize = 2
+	return cfg
+}
+
 func TestMain(m *testing.M) {
 	var err error
-	runner, err = New(testConfig())
+	runner, err = New(sharedConfig())
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "sandbox tests need the real runtime (run `make test`): %v\n", err)
 		os.Exit(1)

@@ -54,11 +54,13 @@ type Outcome struct {
 	StdoutTruncated bool
 	Stderr          string // for diagnostics only; never returned to a client
 	Started         bool   // the interpreter came up and the script was handed over
+	Warm            bool   // the jail came from the pool of warm jails
 	Timing          Timing
 }
 
 // Timing breaks an execution down. Startup runs from starting nsjail to the interpreter being ready for the
-// script; Run from handing the script over to the jail's end. Limits are counted from the start of Run.
+// script (zero for a warm jail: it was ready before the request came); Run from handing the script over to the
+// jail's end. Limits are counted from the start of Run.
 type Timing struct {
 	Startup time.Duration
 	Run     time.Duration

@@ -23,9 +23,9 @@ type Limits struct {
 	configSource string
 }
 
-// readLimits parses the top-level scalar fields of an nsjail text-format config that the Go side enforces itself.
+// ReadLimits parses the top-level scalar fields of an nsjail text-format config that the Go side enforces itself.
 // It is not a protobuf parser: nested messages are skipped except for the /sandbox mount's size.
-func readLimits(path string) (Limits, error) {
+func ReadLimits(path string) (Limits, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return Limits{}, fmt.Errorf("reading the jail config: %w", err)

@@ -36,6 +36,13 @@ type Config struct {
 	MaxStdoutBytes int // default 1 MiB
 	MaxResultBytes int // default 1 MiB
 
+	// PoolSize warm jails are kept started ahead of time, each with the interpreter up and Preload imported,
+	// waiting for a script; 0 turns the pool off. A warm jail serves one script and is destroyed; one older than
+	// PoolMaxAge is replaced without serving.
+	PoolSize   int
+	PoolMaxAge time.Duration // default 5 minutes
+	Preload    []string      // default numpy, pandas
+
 	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
 	StartupTimeout time.Duration // default 20 s
 }
@@ -47,7 +54,8 @@ type Runner struct {
 	cgroups    *cgroups
 	cgroupErr  error
 	harnessDir string
-	args       []string // nsjail's arguments, rendered once
+	args       []string // nsjail's arguments, rendered once; a warm jail adds the modules to preload
+	pool       *pool
 }
 
 // Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
@@ -73,13 +81,19 @@ func New(cfg Config) (*Runner, error) {
 	if cfg.Cgroup == "" {
 		cfg.Cgroup = "auto"
 	}
+	if cfg.PoolMaxAge <= 0 {
+		cfg.PoolMaxAge = 5 * time.Minute
+	}
+	if cfg.Preload == nil {
+		cfg.Preload = []string{"numpy", "pandas"}
+	}
 	python := filepath.Join(cfg.RuntimeDir, "python")
 	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("%w: %v (run runtime/install.sh, or `make run`)", ErrSandbox, err)
 		}
 	}
-	limits, err := readLimits(cfg.JailConfig)
+	limits, err := ReadLimits(cfg.JailConfig)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
 	}
@@ -111,18 +125,27 @@ func New(cfg Config) (*Runner, error) {
 		"--log_fd", "5", "--pass_fd", "3", "--pass_fd", "4",
 		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
 		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
-		"--time_limit", strconv.Itoa(int((limits.Wall+cfg.StartupTimeout)/time.Second) + 1),
+		// nsjail's own timer and CPU limit only bound a jail that never gets a script: a warm jail waits in the pool
+		// up to PoolMaxAge, and the harness sets the script's CPU limit when the script arrives.
+		"--time_limit", strconv.Itoa(int((cfg.PoolMaxAge+limits.Wall+cfg.StartupTimeout)/time.Second) + 1),
+		"--rlimit_cpu", strconv.FormatInt(limits.CPUSeconds+startupCPUSeconds, 10),
 		"--bindmount_ro", runtimePython + ":/usr/local",
 		"--bindmount_ro", harness + ":/safepy/harness.py",
 	}
+	// The script's memory is limited from its arrival: the cgroup's limit is raised then to what the jail uses
+	// plus the limit (jail.run), or, without cgroups, the harness sets RLIMIT_AS to its address space plus the limit.
+	asBytes := int64(0)
 	if cg.mode == CgroupNone {
+		asBytes = limits.MemoryBytes
 		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
-		args = append(args, "--rlimit_as", strconv.FormatInt(limits.MemoryBytes>>20, 10),
-			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
+		args = append(args, "--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
 	}
-	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py")
+	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py",
+		strconv.FormatInt(limits.CPUSeconds, 10), strconv.FormatInt(asBytes, 10))
 
-	return &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}, nil
+	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}
+	r.pool = newPool(r, cfg.PoolSize, cfg.PoolMaxAge)
+	return r, nil
 }
 
 // Info reports the enforcement mode and limits.
@@ -140,139 +163,44 @@ func (r *Runner) Info() Info {
 // Limits returns the jail's limits as read from nsjail.cfg.
 func (r *Runner) Limits() Limits { return r.limits }
 
-// Close removes what New created.
-func (r *Runner) Close() error { return os.RemoveAll(r.harnessDir) }
+// Close stops the pool, destroys its warm jails, and removes what New created.
+func (r *Runner) Close() error {
+	r.pool.close()
+	return os.RemoveAll(r.harnessDir)
+}
 
-// Run executes script in a new jail and waits until the jail and everything in it are gone.
+// WarmJails is how many warm jails are ready now.
+func (r *Runner) WarmJails() int { return r.pool.count() }
+
+// ColdCommand is the nsjail command line of a cold jail, as Run uses it: for measuring the floor under the service
+// (cmd/bench). Descriptors 3, 4 and 5 must be the script, the result channel and nsjail's log.
+func (r *Runner) ColdCommand() (path string, args []string) {
+	return r.cfg.Nsjail, append([]string{}, r.args...)
+}
+
+// Run executes script in a fresh jail and waits until the jail and everything in it are gone. The jail is a warm
+// one from the pool when one is ready (interpreter up, numpy and pandas imported), else one started now.
 //
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
 func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
-	var out Outcome
-	cg, err := r.cgroups.create(newID(), r.limits)
-	if err != nil {
-		return out, fmt.Errorf("%w: creating the jail's cgroup: %v", ErrSandbox, err)
-	}
-	defer cg.remove()
-
-	// Descriptors as the jail sees them: 0 /dev/null, 1 stdout, 2 stderr, 3 script, 4 result, 5 nsjail's log.
-	var parentEnds, childEnds []*os.File
-	pipe := func() (r, w *os.File) {
-		if err == nil {
-			r, w, err = os.Pipe()
+	j := r.pool.take()
+	warm := j != nil
+	if !warm {
+		var err error
+		if j, err = r.launch(false); err != nil {
+			return Outcome{}, err
 		}
-		return r, w
-	}
-	stdoutR, stdoutW := pipe()
-	stderrR, stderrW := pipe()
-	scriptR, scriptW := pipe()
-	resultR, resultW := pipe()
-	logR, logW := pipe()
-	parentEnds = append(parentEnds, stdoutR, stderrR, scriptW, resultR, logR)
-	childEnds = append(childEnds, stdoutW, stderrW, scriptR, resultW, logW)
-	closeAll := func(fs []*os.File) {
-		for _, f := range fs {
-			if f != nil {
-				f.Close()
+		if err := j.awaitReady(ctx); err != nil {
+			var ctxErr error
+			if !errors.Is(err, ErrSandbox) {
+				ctxErr = err
 			}
+			return j.finish(false, ctxErr) // with nsjail's own account of why the jail did not come up
 		}
 	}
-	defer closeAll(parentEnds)
-	if err != nil {
-		closeAll(childEnds)
-		return out, fmt.Errorf("%w: %v", ErrSandbox, err)
-	}
-
-	cmd := exec.Command(r.cfg.Nsjail, r.args...)
-	cmd.Env = []string{}
-	cmd.Stdout, cmd.Stderr = stdoutW, stderrW
-	cmd.ExtraFiles = []*os.File{scriptR, resultW, logW}
-	// If the server dies, its jails die with it: nsjail gets SIGKILL, and the jail's init gets it from nsjail.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-
-	begin := time.Now()
-	err = cg.start(cmd)
-	closeAll(childEnds)
-	if err != nil {
-		return out, fmt.Errorf("%w: starting nsjail: %v", ErrSandbox, err)
-	}
-
-	stdout := drainAsync(stdoutR, r.cfg.MaxStdoutBytes)
-	stderr := drainAsync(stderrR, 64<<10)
-	nslog := drainAsync(logR, 64<<10)
-	started := make(chan struct{})
-	frame := readResultAsync(resultR, started, r.cfg.MaxResultBytes+(64<<10))
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	go func() {
-		scriptW.Write(script) // fails with EPIPE if the jail died first; the exit status tells why
-		scriptW.Close()
-	}()
-
-	obs := observation{rlimits: cg == nil}
-	kill := func() {
-		cg.killAll()
-		_ = cmd.Process.Kill()
-	}
-	var waitErr error
-	var runStart time.Time
-	startup := time.NewTimer(r.cfg.StartupTimeout)
-	defer startup.Stop()
-	var deadline <-chan time.Time
-	var ctxErr error
-wait:
-	for {
-		select {
-		case <-started:
-			started = nil
-			obs.started = true
-			runStart = time.Now()
-			out.Timing.Startup = runStart.Sub(begin)
-			startup.Stop()
-			t := time.NewTimer(r.limits.Wall)
-			defer t.Stop()
-			deadline = t.C
-		case <-startup.C:
-			obs.stalled = true
-			kill()
-		case <-deadline:
-			obs.timedOut = true
-			kill()
-		case <-ctx.Done():
-			ctxErr = ctx.Err()
-			kill()
-		case waitErr = <-exited:
-			break wait
-		}
-	}
-	// nsjail is gone; whatever of the jail is left (only possible if nsjail itself was killed) goes now, which
-	// also closes the last copies of the pipes' write ends.
-	cg.killAll()
-	if !runStart.IsZero() {
-		out.Timing.Run = time.Since(runStart)
-	}
-
-	res := <-frame
-	outBytes, outTrunc := (<-stdout).get()
-	errBytes, _ := (<-stderr).get()
-	logBytes, _ := (<-nslog).get()
-	obs.frame, obs.truncated = res.data, res.truncated
-	obs.started = obs.started || res.started
-	obs.exitCode = exitCode(waitErr)
-	obs.oomKilled, obs.pidsMax = cg.events()
-
-	out.Started = obs.started
-	out.Stdout = stdoutText(outBytes)
-	out.StdoutTruncated = outTrunc
-	out.Stderr = stdoutText(errBytes)
-	if ctxErr != nil {
-		return out, ctxErr
-	}
-	result, err := classify(obs, r.limits, r.cfg.MaxResultBytes)
-	if errors.Is(err, ErrSandbox) {
-		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s%s", err, firstLines(logBytes, 3), firstLines(errBytes, 3), hint(logBytes))
-	}
-	out.Result = result
+	out, err := j.run(ctx, script)
+	out.Warm = warm
 	return out, err
 }
 

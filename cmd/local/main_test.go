@@ -273,11 +273,12 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 		err    error
 	}
 	got := make(chan answer, 1)
+	token := fmt.Sprintf("drain-%d", time.Now().UnixNano())
 	go func() {
-		status, body, err := post(s.url, "import time\ndef main():\n    time.sleep(1.5)\n    return 'finished'\n", nil)
+		status, body, err := post(s.url, marked(token, "time.sleep(1.5)\n    return 'finished'"), nil)
 		got <- answer{status, body, err}
 	}()
-	waitFor(t, func() bool { return jailProcesses() > 0 })
+	waitFor(t, func() bool { return processesWith(token) > 0 })
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	a := <-got
 	if a.err != nil || a.status != 200 || !strings.Contains(a.body, `"result":"finished"`) {
@@ -295,11 +296,12 @@ func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	s := start(t, nil, "SAFEPY_SHUTDOWN_GRACE=300ms")
 	s.waitHealthy(t)
 	got := make(chan error, 1)
+	token := fmt.Sprintf("outlive-%d", time.Now().UnixNano())
 	go func() {
-		_, _, err := post(s.url, "import time\ndef main():\n    time.sleep(60)\n", nil)
+		_, _, err := post(s.url, marked(token, "time.sleep(60)"), nil)
 		got <- err
 	}()
-	waitFor(t, func() bool { return jailProcesses() > 0 })
+	waitFor(t, func() bool { return processesWith(token) > 0 })
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	if code := s.exit(t); code != 0 {
 		t.Fatalf("exit %d", code)
@@ -310,6 +312,24 @@ func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	if len(s.entries("grace period over: killing the jails still running")) != 1 {
 		t.Fatalf("logs:\n%s", strings.Join(s.lines(), "\n"))
 	}
+}
+
+// marked is a script that first starts a process carrying token in its command line, so the test can see from
+// outside that the script is running, then runs body.
+func marked(token, body string) string {
+	return fmt.Sprintf("import subprocess, time\ndef main():\n    subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(60)', %q])\n    %s\n", token, body)
+}
+
+// processesWith counts the host's processes whose command line contains s.
+func processesWith(s string) int {
+	n := 0
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		if cmd, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline")); err == nil && strings.Contains(string(cmd), s) {
+			n++
+		}
+	}
+	return n
 }
 
 // jailProcesses counts the host's processes running as nobody: the jails' processes.

@@ -1,0 +1,146 @@
+package sandbox
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// pool keeps warm jails: started ahead of time, the interpreter up and the preload modules imported, each blocked
+// reading its script. A request takes one if one is ready and otherwise starts a cold jail itself, so the pool can
+// only make a request faster, never refuse or delay it. Each warm jail serves one script and is destroyed; every
+// request still gets its own namespaces, cgroup, /sandbox and /tmp. One goroutine refills the pool, one jail at a
+// time, so refilling never takes more than one CPU from the requests.
+type pool struct {
+	r      *Runner
+	size   int
+	maxAge time.Duration
+
+	mu     sync.Mutex
+	ready  []*jail // oldest first
+	closed bool
+
+	wake chan struct{} // a jail was taken, or one may have aged
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+func newPool(r *Runner, size int, maxAge time.Duration) *pool {
+	p := &pool{r: r, size: size, maxAge: maxAge, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+	if size > 0 {
+		p.wg.Add(1)
+		go p.refill()
+	}
+	return p
+}
+
+// take returns a ready warm jail, or nil if there is none.
+func (p *pool) take() *jail {
+	if p.size == 0 {
+		return nil
+	}
+	defer p.poke()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.ready) > 0 {
+		j := p.ready[0]
+		p.ready = p.ready[1:]
+		if j.alive() && time.Since(j.readyAt) < p.maxAge {
+			return j
+		}
+		go j.discard()
+	}
+	return nil
+}
+
+func (p *pool) poke() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// count is how many warm jails are waiting.
+func (p *pool) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.ready)
+}
+
+// refill keeps the pool full and replaces jails that reached their maximum age or died.
+func (p *pool) refill() {
+	defer p.wg.Done()
+	backoff := time.Duration(0)
+	for {
+		p.recycle()
+		if p.count() < p.size {
+			j, err := p.r.launch(true)
+			if err == nil {
+				if err = j.awaitReady(context.Background()); err != nil {
+					j.finish(false, err)
+				}
+			}
+			if err != nil {
+				// The cold path still works if the sandbox does; do not spin on a failing start.
+				backoff = min(max(2*backoff, 100*time.Millisecond), 10*time.Second)
+			} else {
+				backoff = 0
+				p.mu.Lock()
+				if p.closed {
+					p.mu.Unlock()
+					j.discard()
+					return
+				}
+				p.ready = append(p.ready, j)
+				p.mu.Unlock()
+				continue
+			}
+		}
+		wait := p.maxAge / 4
+		if backoff > 0 {
+			wait = backoff
+		}
+		select {
+		case <-p.stop:
+			return
+		case <-p.wake:
+		case <-time.After(wait):
+		}
+	}
+}
+
+// recycle destroys the jails that are too old or dead.
+func (p *pool) recycle() {
+	p.mu.Lock()
+	var keep, drop []*jail
+	for _, j := range p.ready {
+		if j.alive() && time.Since(j.readyAt) < p.maxAge {
+			keep = append(keep, j)
+		} else {
+			drop = append(drop, j)
+		}
+	}
+	p.ready = keep
+	p.mu.Unlock()
+	for _, j := range drop {
+		j.discard()
+	}
+}
+
+// close stops refilling and destroys the warm jails.
+func (p *pool) close() {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	ready := p.ready
+	p.ready = nil
+	p.mu.Unlock()
+	close(p.stop)
+	p.wg.Wait()
+	for _, j := range ready {
+		j.discard()
+	}
+}

@@ -1,0 +1,144 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// newPooled returns a runner with a pool of size, whose pool is full.
+func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration) *Runner {
+	t.Helper()
+	cfg := testConfig()
+	cfg.Cgroup, cfg.PoolSize, cfg.PoolMaxAge = cgroup, size, maxAge
+	r, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	waitUntil(t, "the pool to fill", func() bool { return r.pool.count() == size })
+	return r
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(60 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+	}
+}
+
+func runWith(t *testing.T, r *Runner, script string) (Outcome, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	return r.Run(ctx, []byte(script))
+}
+
+// A warm jail is a fresh jail with numpy and pandas already imported. Its limits count from the script's arrival,
+// and it serves one script only. Checked in both enforcement modes.
+func TestWarmJails(t *testing.T) {
+	for _, mode := range []string{"", "none"} {
+		name := "cgroups"
+		if mode == "none" {
+			name = "rlimits"
+		}
+		t.Run(name, func(t *testing.T) {
+			r := newPooled(t, mode, 1, time.Hour)
+			warm := func(script string) (Outcome, error) {
+				t.Helper()
+				waitUntil(t, "a warm jail", func() bool { return r.pool.count() == 1 })
+				out, err := runWith(t, r, script)
+				if !out.Warm {
+					t.Fatalf("the script ran cold")
+				}
+				return out, err
+			}
+
+			// Preloaded, and clean: the first script leaves a file, a variable and a process behind...
+			out, err := warm(`import os, sys, subprocess
+def main():
+    open("/tmp/left", "w").write("x"); open("/sandbox/left", "w").write("x")
+    os.environ["LEFT"] = "1"
+    subprocess.Popen(["/usr/local/bin/python3", "-c", "import time; time.sleep(60)"])
+    return ["numpy" in sys.modules, "pandas" in sys.modules]
+`)
+			if err != nil || string(out.Result) != "[true, true]" {
+				t.Fatalf("got %s %v", out.Result, err)
+			}
+			// ...and the next finds none of it.
+			out, err = warm(`import os
+def main():
+    return [os.path.exists("/tmp/left"), os.path.exists("/sandbox/left"), "LEFT" in os.environ,
+            sorted(int(p) for p in os.listdir("/proc") if p.isdigit())]
+`)
+			if err != nil || string(out.Result) != "[false, false, false, [1, 2]]" {
+				t.Fatalf("got %s %v", out.Result, err)
+			}
+
+			// The wall clock starts when the script arrives, not when the jail started: this jail has waited in
+			// the pool for longer than the script's 2.5 s would leave of a clock started earlier.
+			time.Sleep(time.Second)
+			if out, err = warm("import time\ndef main():\n    time.sleep(2.5)\n    return 'in time'\n"); err != nil {
+				t.Fatalf("got %s %v", out.Result, err)
+			}
+			// A script has its memory limit to itself, on top of the preloaded modules.
+			if out, err = warm("def main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n"); err != nil {
+				t.Fatalf("200 MiB in a warm jail: %s %v", out.Result, err)
+			}
+			var se *ScriptError
+			_, err = warm("def main():\n    a = bytearray(300 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n")
+			if !errors.As(err, &se) || se.Limit != LimitMemory {
+				t.Fatalf("300 MiB in a warm jail: %v", err)
+			}
+		})
+	}
+}
+
+// The CPU-time limit, counted from the script's arrival, in a child process that escapes nothing.
+func TestCPULimitFromArrival(t *testing.T) {
+	r := newPooled(t, "", 1, time.Hour)
+	out, err := runWith(t, r, "import resource\ndef main():\n    u = resource.getrusage(resource.RUSAGE_SELF)\n    return [resource.getrlimit(resource.RLIMIT_CPU), u.ru_utime + u.ru_stime]\n")
+	if err != nil || !out.Warm {
+		t.Fatalf("%s %v warm=%v", out.Result, err, out.Warm)
+	}
+	// The preload spent some CPU; the limit is that plus 3 s, rounded up, with the kill a second later.
+	var soft, hard int
+	var used float64
+	fields := strings.NewReplacer("[", " ", "]", " ", ",", " ").Replace(string(out.Result))
+	if _, err := fmt.Sscan(fields, &soft, &hard, &used); err != nil {
+		t.Fatalf("%s: %v", out.Result, err)
+	}
+	if soft < 3 || float64(soft) < used+3 || float64(soft) > used+4 || hard != soft+1 {
+		t.Fatalf("RLIMIT_CPU (%d, %d) after %.2fs of preload", soft, hard, used)
+	}
+}
+
+// Jails older than the maximum age are replaced without serving, and closing the runner leaves none behind.
+func TestPoolRecyclesAndCloses(t *testing.T) {
+	r := newPooled(t, "", 1, 300*time.Millisecond)
+	r.pool.mu.Lock()
+	first := r.pool.ready[0]
+	r.pool.mu.Unlock()
+	waitUntil(t, "the old jail to be replaced", func() bool {
+		r.pool.mu.Lock()
+		defer r.pool.mu.Unlock()
+		return !first.alive() && len(r.pool.ready) == 1 && r.pool.ready[0] != first
+	})
+	r.Close()
+	if n := r.pool.count(); n != 0 {
+		t.Fatalf("%d warm jails after Close", n)
+	}
+	r.pool.mu.Lock()
+	defer r.pool.mu.Unlock()
+	for _, j := range r.pool.ready {
+		if j.alive() {
+			t.Fatal("a warm jail survived Close")
+		}
+	}
+}
+
