@@ -141,4 +141,3 @@ func TestPoolRecyclesAndCloses(t *testing.T) {
 		}
 	}
 }
-
