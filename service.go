@@ -93,8 +93,8 @@ func (s *Service) Drain() { s.ready.Store(false) }
 // Slots is the number of executions that run at once.
 func (s *Service) Slots() int { return s.gate.Slots() }
 
-// WarmJails is how many warm jails are ready now, and how many the pool keeps.
-func (s *Service) WarmJails() (ready, size int) { return s.runner.WarmJails(), s.cfg.Sandbox.PoolSize }
+// WarmJails is how many warm jails are ready now, and how many the pools keep.
+func (s *Service) WarmJails() (ready, size int) { return s.runner.WarmJails() }
 
 // Capacity is how many requests the service holds at once, running or queued.
 func (s *Service) Capacity() int { return s.cfg.Slots + s.cfg.Queue }

@@ -378,31 +378,32 @@ func (j *jailCgroup) raiseMemory(extra int64) error {
 	return nil
 }
 
-// killAll kills every process left in the cgroup and waits until it is empty.
-func (j *jailCgroup) killAll() {
+// signalAll sends SIGKILL to every process in the cgroup, once, without waiting for them to die.
+func (j *jailCgroup) signalAll() (left bool) {
 	if j == nil {
-		return
+		return false
 	}
 	if j.mode == CgroupV2 {
-		_ = writeFile(filepath.Join(j.dirs[""], "cgroup.kill"), "1") // kernels since 5.14; the loop covers older ones
+		_ = writeFile(filepath.Join(j.dirs[""], "cgroup.kill"), "1") // kernels since 5.14; the pids below cover older ones
 	}
-	for i := 0; i < 2000; i++ {
-		left := false
-		for _, dir := range j.dirs {
-			data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-			if err != nil {
-				continue
-			}
-			for _, f := range strings.Fields(string(data)) {
-				if pid, err := strconv.Atoi(f); err == nil && pid > 0 && pid != os.Getpid() {
-					left = true
-					killIfIn(pid, dir)
-				}
+	for _, dir := range j.dirs {
+		data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(data)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 0 && pid != os.Getpid() {
+				left = true
+				killIfIn(pid, dir)
 			}
 		}
-		if !left {
-			return
-		}
+	}
+	return left
+}
+
+// killAll kills every process left in the cgroup and waits until it is empty.
+func (j *jailCgroup) killAll() {
+	for i := 0; i < 2000 && j.signalAll(); i++ {
 		time.Sleep(time.Millisecond)
 	}
 }

@@ -2,28 +2,40 @@ package sandbox
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"testing"
 	"unicode/utf8"
 )
 
+// frameOf builds what the harness writes: the start byte, then kind, length and payload.
+func frameOf(kind byte, payload string) []byte {
+	b := []byte{'S', kind, 0, 0, 0, 0, 0, 0, 0, 0}
+	binary.BigEndian.PutUint64(b[2:], uint64(len(payload)))
+	return append(b, payload...)
+}
+
 // FuzzResultChannel: whatever arrives on the result channel and however the jail ended, the decision is one of
-// the contract's outcomes, a result only ever comes from a well-formed frame, and nothing panics.
+// the contract's outcomes, a result only ever comes from a complete, well-formed frame, and nothing panics.
 func FuzzResultChannel(f *testing.F) {
-	for _, seed := range []string{"SR{\"ok\": true}", "SR1180591620717411303425", "SE{\"kind\":\"exception\",\"type\":\"ValueError\",\"message\":\"x\"}",
-		"SE{\"kind\":\"serialization\"}", "SE{\"kind\":\"exception\",\"errno\":27}", "SE{\"kind\":\"missing_main\"}", "SR", "S", "",
-		"X", "SRgarbage", "SE{", "SR[[[[[[[[[[", "SR\"\xff\"", "SRnull" + "Rnull"} {
-		f.Add([]byte(seed), 0, uint8(0))
-		f.Add([]byte(seed), 137, uint8(0b0100))
+	for _, seed := range [][]byte{frameOf('R', `{"ok": true}`), frameOf('R', "1180591620717411303425"),
+		frameOf('E', `{"kind":"exception","type":"ValueError","message":"x"}`), frameOf('E', `{"kind":"serialization"}`),
+		frameOf('E', `{"kind":"exception","errno":27}`), frameOf('E', `{"kind":"missing_main"}`), frameOf('R', ""),
+		frameOf('R', "garbage"), frameOf('X', "1"), frameOf('R', "[[[[[[[["), frameOf('R', "\"\xff\""),
+		append(frameOf('R', "null"), frameOf('R', "1")...), frameOf('R', "1")[:5], []byte("S"), []byte(""), []byte("X")} {
+		f.Add(seed, 0, uint8(0))
+		f.Add(seed, 137, uint8(0b0100))
 	}
 	limits := Limits{Wall: 3e9, MemoryBytes: 256 << 20, Processes: 64, CPUSeconds: 3, FileSizeMiB: 10, TmpfsBytes: 32 << 20}
 	const maxResult = 64
 	f.Fuzz(func(t *testing.T, data []byte, exit int, flags uint8) {
-		started := make(chan struct{})
-		res := <-readResultAsync(bytes.NewReader(data), started, maxResult+16)
-		o := observation{started: res.started, frame: res.data, truncated: res.truncated, exitCode: exit,
+		res := readResult(bytes.NewReader(data), make(chan struct{}), maxResult+16)
+		o := observation{started: res.started, truncated: res.truncated, exitCode: exit,
 			timedOut: flags&1 != 0, pidsMax: flags&2 != 0, oomKilled: flags&4 != 0, rlimits: flags&8 != 0}
+		if res.complete {
+			o.frame = res.frame
+		}
 		result, err := classify(o, limits, maxResult)
 		var se *ScriptError
 		switch {
@@ -32,8 +44,8 @@ func FuzzResultChannel(f *testing.F) {
 				t.Fatalf("a jail that never started gave %s, %v", result, err)
 			}
 		case err == nil:
-			if o.timedOut || len(data) < 2 || data[1] != 'R' || !json.Valid(result) || len(result) > maxResult ||
-				!bytes.Equal(result, bytes.TrimSpace(data[2:])) {
+			if o.timedOut || !res.complete || len(data) < 10 || data[1] != 'R' || !json.Valid(result) ||
+				len(result) > maxResult || !bytes.Equal(result, bytes.TrimSpace(data[10:10+len(res.frame)-1])) {
 				t.Fatalf("result %q from %q", result, data)
 			}
 		case errors.As(err, &se):
@@ -62,7 +74,8 @@ func FuzzStdout(f *testing.F) {
 	const max = 16
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r := bytes.NewReader(data)
-		c := drain(r, max)
+		c := capture{max: max}
+		c.drain(r)
 		if r.Len() != 0 {
 			t.Fatal("not drained to the end")
 		}

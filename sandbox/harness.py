@@ -3,9 +3,11 @@
 #
 # Channels (file descriptors set up by the Go side and passed through nsjail):
 #   3  the script's source; read to EOF, then closed.
-#   4  the result channel: one byte b"S" once the interpreter is up, then exactly one frame:
-#        b"R" + the JSON text of main()'s return value, or
-#        b"E" + a JSON object {"kind", "type", "message", "traceback", "errno"}.
+#   4  the result channel: one byte b"S" once the interpreter is up, then exactly one frame, a kind byte, the
+#      payload's length (8 bytes, big-endian) and the payload:
+#        b"R": the JSON text of main()'s return value, or
+#        b"E": a JSON object {"kind", "type", "message", "traceback", "errno"}.
+#      The length lets the server answer as soon as the frame is in, without waiting for the jail to wind down.
 #   1, 2  the script's stdout and stderr; the Go side captures them at the descriptor level.
 #
 # Process layout: this process is PID 1 of the jail's PID namespace. It forks once; the child runs the script, and
@@ -58,6 +60,15 @@ def init():
 def run():
     # Keep the result channel away from anything the script starts.
     os.set_inheritable(RESULT_FD, False)
+    # Everything the harness itself needs is imported before it reports ready, so a warm jail does none of it on
+    # the script's time.
+    import ctypes
+    import json
+    import linecache
+    import resource
+    import traceback
+    import types
+
     for name in PRELOAD:
         __import__(name)
     write_all(RESULT_FD, b"S")
@@ -73,8 +84,6 @@ def run():
 
     # The script's limits count from now, not from the jail's start: what the harness spent starting up and
     # preloading is not the script's. RLIMIT_CPU is whole seconds; the hard limit kills one second after SIGXCPU.
-    import resource
-
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = int(usage.ru_utime + usage.ru_stime + CPU_SECONDS + 0.999)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -82,11 +91,6 @@ def run():
         with open("/proc/self/statm") as f:
             size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         resource.setrlimit(resource.RLIMIT_AS, (size + AS_BYTES, size + AS_BYTES))
-
-    import json
-    import linecache
-    import traceback
-    import types
 
     filename = "/sandbox/script.py"
     owner = os.getpid()
@@ -114,9 +118,9 @@ def run():
                 err["errno"] = exc.errno
         else:
             err["message"] = message
-        finish(b"E" + json.dumps(err).encode())
+        finish(b"E", json.dumps(err).encode())
 
-    def finish(frame):
+    def finish(kind, payload):
         if os.getpid() != owner:  # a process the script forked got here: only the script's own process answers
             os._exit(0)
         for stream in (sys.stdout, sys.stderr):
@@ -125,12 +129,11 @@ def run():
             except Exception:
                 pass
         try:  # what C code buffered with stdio, which os._exit would drop
-            import ctypes
-
             ctypes.CDLL(None).fflush(None)
         except Exception:
             pass
-        write_all(RESULT_FD, frame)
+        # stdout is flushed above, before the frame: the server takes what the pipe holds when the frame is in.
+        write_all(RESULT_FD, kind + len(payload).to_bytes(8, "big") + payload)
         os._exit(0)
 
     try:
@@ -165,7 +168,7 @@ def run():
     except (TypeError, ValueError, RecursionError, OverflowError) as exc:
         fail("serialization", exc,
              "main() must return JSON-serializable data: %s: %s" % (type(exc).__name__, describe(exc)))
-    finish(b"R" + data)
+    finish(b"R", data)
 
 
 init()

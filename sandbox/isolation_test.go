@@ -228,9 +228,16 @@ def main():
         time.sleep(0.01)
     return "started"
 `, token))
-	if pids := processesWith(token); len(pids) > 0 {
-		t.Fatalf("a detached process of the last request is still running: %v", pids)
+	// By the time the answer is back, every process of the jail has been killed (the kernel may still be
+	// reaping it), and it is gone soon after.
+	for _, p := range processesWith(token) {
+		pid := strings.SplitN(p, ":", 2)[0]
+		status, err := os.ReadFile("/proc/" + pid + "/status")
+		if err == nil && !killed(string(status)) {
+			t.Fatalf("a detached process of the last request is still running after its answer: %s\n%s", p, status)
+		}
 	}
+	waitUntil(t, "the killed processes to be reaped", func() bool { return len(processesWith(token)) == 0 })
 	got, _ := mustRun(t, `import os
 def main():
     return [os.path.exists(p) for p in ("/sandbox/left", "/tmp/left", "/dev/shm/left")] + [os.listdir("/sandbox"), os.listdir("/tmp")]
@@ -238,6 +245,25 @@ def main():
 	if got != "[false, false, false, [], []]" {
 		t.Fatalf("files survived into the next request: %s", got)
 	}
+}
+
+// killed reports whether a /proc/PID/status is of a process that is exiting or has SIGKILL pending.
+func killed(status string) bool {
+	for _, line := range strings.Split(status, "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		v = strings.TrimSpace(v)
+		switch k {
+		case "State":
+			if strings.HasPrefix(v, "Z") || strings.HasPrefix(v, "X") {
+				return true
+			}
+		case "SigPnd", "ShdPnd":
+			if mask, err := strconv.ParseUint(v, 16, 64); err == nil && mask&(1<<(9-1)) != 0 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // processesWith lists the host's processes whose command line contains s.

@@ -22,7 +22,7 @@ type jail struct {
 	scriptW    *os.File
 	parentEnds []*os.File
 
-	stdout, stderr, nslog <-chan capped
+	stdout, stderr, nslog *stream
 	frame                 <-chan resultRead
 	started               chan struct{} // closed when the harness is ready for the script
 	done                  chan struct{} // closed when nsjail has exited; waitErr is then set
@@ -33,8 +33,8 @@ type jail struct {
 	stalled bool      // killed for not coming up within the start-up timeout
 }
 
-// launch starts a jail. With preload, the harness imports the Runner's Preload modules before it reports ready.
-func (r *Runner) launch(preload bool) (*jail, error) {
+// launch starts a jail whose harness imports the preload modules before it reports ready.
+func (r *Runner) launch(preload []string) (*jail, error) {
 	cg, err := r.cgroups.create(newID(), r.limits)
 	if err != nil {
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %v", ErrSandbox, err)
@@ -55,10 +55,7 @@ func (r *Runner) launch(preload bool) (*jail, error) {
 		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
 	}
 
-	args := r.args
-	if preload {
-		args = append(append([]string{}, r.args...), r.cfg.Preload...)
-	}
+	args := append(append([]string{}, r.args...), preload...)
 	j.cmd = exec.Command(r.cfg.Nsjail, args...)
 	j.cmd.Env = []string{}
 	j.cmd.Stdout, j.cmd.Stderr = stdoutW, stderrW
@@ -74,9 +71,9 @@ func (r *Runner) launch(preload bool) (*jail, error) {
 		cg.remove()
 		return nil, fmt.Errorf("%w: starting nsjail: %v", ErrSandbox, err)
 	}
-	j.stdout = drainAsync(stdoutR, r.cfg.MaxStdoutBytes)
-	j.stderr = drainAsync(stderrR, 64<<10)
-	j.nslog = drainAsync(logR, 64<<10)
+	j.stdout = captureAsync(stdoutR, r.cfg.MaxStdoutBytes)
+	j.stderr = captureAsync(stderrR, 64<<10)
+	j.nslog = captureAsync(logR, 64<<10)
 	j.frame = readResultAsync(resultR, j.started, r.cfg.MaxResultBytes+(64<<10))
 	go func() {
 		j.waitErr = j.cmd.Wait()
@@ -129,7 +126,7 @@ func (j *jail) awaitReady(ctx context.Context) error {
 	}
 }
 
-// run hands the script to a ready jail and waits for the jail to end. The script's limits count from here.
+// run hands the script to a ready jail and waits for its answer. The script's limits count from here.
 func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	// Memory: the script gets the limit on top of what the jail holds now (the interpreter, and in a warm jail the
 	// preloaded modules). CPU time is reset by the harness as the script arrives.
@@ -145,43 +142,69 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	}()
 	deadline := time.NewTimer(j.r.limits.Wall)
 	defer deadline.Stop()
-	timedOut := false
-	var ctxErr error
+	var out Outcome
+	var err error
 	select {
+	case res := <-j.frame:
+		if res.complete {
+			// The answer is in: no need to wait for the jail to wind down (a big interpreter's exit takes
+			// milliseconds). Take stdout as it stands (the harness flushed it before the frame), answer, and
+			// let the jail go in the background.
+			out, err = j.answer(res)
+			break
+		}
+		out, err = j.finishWith(res, false, nil) // the channel ended without a frame: the jail is ending
 	case <-j.done:
+		out, err = j.finish(false, nil)
 	case <-deadline.C:
-		timedOut = true
 		j.kill()
+		out, err = j.finish(true, nil)
 	case <-ctx.Done():
-		ctxErr = ctx.Err()
 		j.kill()
+		out, err = j.finish(false, ctx.Err())
 	}
-	out, err := j.finish(timedOut, ctxErr)
 	out.Timing.Run = time.Since(runStart)
 	return out, err
 }
 
-// finish waits for nsjail's end, removes whatever of the jail is left, and decides the outcome from what was seen.
+// answer decides the outcome from a complete frame, then destroys the jail in the background.
+func (j *jail) answer(res resultRead) (Outcome, error) {
+	outBytes, outTrunc := j.stdout.now()
+	errBytes, _ := j.stderr.now()
+	obs := j.observe(res, false)
+	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	result, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
+	out.Result = result
+	// Nothing of the script runs after its answer: every process of the jail gets SIGKILL now. Waiting for the
+	// kernel to reap them and removing the cgroup happen after the answer.
+	j.cg.signalAll()
+	_ = j.cmd.Process.Kill()
+	j.r.cleanups.Add(1)
+	go func() {
+		defer j.r.cleanups.Done()
+		<-j.done
+		j.release()
+	}()
+	return out, err
+}
+
+// finish waits for nsjail's end, then decides the outcome from everything that was seen, and removes the jail.
 func (j *jail) finish(timedOut bool, ctxErr error) (Outcome, error) {
+	return j.finishWith(<-j.frame, timedOut, ctxErr)
+}
+
+func (j *jail) finishWith(res resultRead, timedOut bool, ctxErr error) (Outcome, error) {
 	<-j.done
 	// Only possible if nsjail itself was killed: what is left of the jail goes now, which also closes the last
 	// copies of the pipes' write ends, so the readers below see their end.
 	j.cg.killAll()
-	res := <-j.frame
-	outBytes, outTrunc := (<-j.stdout).get()
-	errBytes, _ := (<-j.stderr).get()
-	logBytes, _ := (<-j.nslog).get()
-	obs := observation{started: res.started, stalled: j.stalled, frame: res.data, truncated: res.truncated,
-		exitCode: exitCode(j.waitErr), timedOut: timedOut, rlimits: j.cg == nil}
-	obs.oomKilled, obs.pidsMax = j.cg.events()
-	closeFiles(j.parentEnds)
-	if err := j.cg.remove(); err != nil && ctxErr == nil {
+	outBytes, outTrunc := j.stdout.wait()
+	errBytes, _ := j.stderr.wait()
+	logBytes, _ := j.nslog.wait()
+	obs := j.observe(res, timedOut)
+	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	if err := j.release(); err != nil && ctxErr == nil {
 		ctxErr = fmt.Errorf("%w: removing the jail's cgroup: %v", ErrSandbox, err)
-	}
-
-	out := Outcome{Started: obs.started, Stdout: stdoutText(outBytes), StdoutTruncated: outTrunc, Stderr: stdoutText(errBytes)}
-	if !j.readyAt.IsZero() {
-		out.Timing.Startup = j.readyAt.Sub(j.begin)
 	}
 	if ctxErr != nil {
 		return out, ctxErr
@@ -192,6 +215,37 @@ func (j *jail) finish(timedOut bool, ctxErr error) (Outcome, error) {
 	}
 	out.Result = result
 	return out, err
+}
+
+// observe gathers what the Go side saw of the jail, for classify.
+func (j *jail) observe(res resultRead, timedOut bool) observation {
+	obs := observation{started: res.started, stalled: j.stalled, truncated: res.truncated, timedOut: timedOut,
+		rlimits: j.cg == nil}
+	if res.complete {
+		obs.frame = res.frame
+	}
+	select {
+	case <-j.done:
+		obs.exitCode = exitCode(j.waitErr)
+	default: // still running: a complete frame decides alone
+	}
+	obs.oomKilled, obs.pidsMax = j.cg.events()
+	return obs
+}
+
+func (j *jail) outcome(obs observation, stdout []byte, truncated bool, stderr []byte) Outcome {
+	out := Outcome{Started: obs.started, Stdout: stdoutText(stdout), StdoutTruncated: truncated, Stderr: stdoutText(stderr)}
+	if !j.readyAt.IsZero() {
+		out.Timing.Startup = j.readyAt.Sub(j.begin)
+	}
+	return out
+}
+
+// release closes the Go side's ends of the pipes and removes the cgroup, once nsjail has exited.
+func (j *jail) release() error {
+	j.cg.killAll()
+	closeFiles(j.parentEnds)
+	return j.cg.remove()
 }
 
 // discard destroys a jail that will serve no script.

@@ -6,15 +6,16 @@ import (
 	"time"
 )
 
-// pool keeps warm jails: started ahead of time, the interpreter up and the preload modules imported, each blocked
-// reading its script. A request takes one if one is ready and otherwise starts a cold jail itself, so the pool can
+// pool keeps warm jails: started ahead of time, the interpreter up and its preload modules imported (if any), each
+// blocked reading its script. A request takes one if one is ready and otherwise starts a cold jail itself, so the pool can
 // only make a request faster, never refuse or delay it. Each warm jail serves one script and is destroyed; every
 // request still gets its own namespaces, cgroup, /sandbox and /tmp. One goroutine refills the pool, one jail at a
 // time, so refilling never takes more than one CPU from the requests.
 type pool struct {
-	r      *Runner
-	size   int
-	maxAge time.Duration
+	r       *Runner
+	size    int
+	maxAge  time.Duration
+	preload []string // what its jails import before they are ready
 
 	mu     sync.Mutex
 	ready  []*jail // oldest first
@@ -25,8 +26,8 @@ type pool struct {
 	wg   sync.WaitGroup
 }
 
-func newPool(r *Runner, size int, maxAge time.Duration) *pool {
-	p := &pool{r: r, size: size, maxAge: maxAge, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+func newPool(r *Runner, size int, maxAge time.Duration, preload []string) *pool {
+	p := &pool{r: r, size: size, maxAge: maxAge, preload: preload, wake: make(chan struct{}, 1), stop: make(chan struct{})}
 	if size > 0 {
 		p.wg.Add(1)
 		go p.refill()
@@ -74,7 +75,7 @@ func (p *pool) refill() {
 	for {
 		p.recycle()
 		if p.count() < p.size {
-			j, err := p.r.launch(true)
+			j, err := p.r.launch(p.preload)
 			if err == nil {
 				if err = j.awaitReady(context.Background()); err != nil {
 					j.finish(false, err)

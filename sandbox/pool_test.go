@@ -19,7 +19,7 @@ func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration) *Run
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.Close() })
-	waitUntil(t, "the pool to fill", func() bool { return r.pool.count() == size })
+	waitUntil(t, "the pools to fill", func() bool { ready, all := r.WarmJails(); return ready == all })
 	return r
 }
 
@@ -51,7 +51,7 @@ func TestWarmJails(t *testing.T) {
 			r := newPooled(t, mode, 1, time.Hour)
 			warm := func(script string) (Outcome, error) {
 				t.Helper()
-				waitUntil(t, "a warm jail", func() bool { return r.pool.count() == 1 })
+				waitUntil(t, "warm jails", func() bool { ready, all := r.WarmJails(); return ready == all })
 				out, err := runWith(t, r, script)
 				if !out.Warm {
 					t.Fatalf("the script ran cold")
@@ -70,13 +70,13 @@ def main():
 			if err != nil || string(out.Result) != "[true, true]" {
 				t.Fatalf("got %s %v", out.Result, err)
 			}
-			// ...and the next finds none of it.
-			out, err = warm(`import os
+			// ...and the next finds none of it. (It names no preloaded module: a plain warm jail, nothing imported.)
+			out, err = warm(`import os, sys
 def main():
     return [os.path.exists("/tmp/left"), os.path.exists("/sandbox/left"), "LEFT" in os.environ,
-            sorted(int(p) for p in os.listdir("/proc") if p.isdigit())]
+            sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "json" in sys.modules, len([m for m in sys.modules if m.startswith("pan")])]
 `)
-			if err != nil || string(out.Result) != "[false, false, false, [1, 2]]" {
+			if err != nil || string(out.Result) != "[false, false, false, [1, 2], true, 0]" {
 				t.Fatalf("got %s %v", out.Result, err)
 			}
 
@@ -87,11 +87,11 @@ def main():
 				t.Fatalf("got %s %v", out.Result, err)
 			}
 			// A script has its memory limit to itself, on top of the preloaded modules.
-			if out, err = warm("def main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n"); err != nil {
+			if out, err = warm("import numpy\ndef main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n"); err != nil {
 				t.Fatalf("200 MiB in a warm jail: %s %v", out.Result, err)
 			}
 			var se *ScriptError
-			_, err = warm("def main():\n    a = bytearray(300 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n")
+			_, err = warm("import pandas\ndef main():\n    a = bytearray(300 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n")
 			if !errors.As(err, &se) || se.Limit != LimitMemory {
 				t.Fatalf("300 MiB in a warm jail: %v", err)
 			}
@@ -102,7 +102,7 @@ def main():
 // The CPU-time limit, counted from the script's arrival, in a child process that escapes nothing.
 func TestCPULimitFromArrival(t *testing.T) {
 	r := newPooled(t, "", 1, time.Hour)
-	out, err := runWith(t, r, "import resource\ndef main():\n    u = resource.getrusage(resource.RUSAGE_SELF)\n    return [resource.getrlimit(resource.RLIMIT_CPU), u.ru_utime + u.ru_stime]\n")
+	out, err := runWith(t, r, "import resource  # pandas is preloaded\ndef main():\n    u = resource.getrusage(resource.RUSAGE_SELF)\n    return [resource.getrlimit(resource.RLIMIT_CPU), u.ru_utime + u.ru_stime]\n")
 	if err != nil || !out.Warm {
 		t.Fatalf("%s %v warm=%v", out.Result, err, out.Warm)
 	}
@@ -121,21 +121,23 @@ func TestCPULimitFromArrival(t *testing.T) {
 // Jails older than the maximum age are replaced without serving, and closing the runner leaves none behind.
 func TestPoolRecyclesAndCloses(t *testing.T) {
 	r := newPooled(t, "", 1, 300*time.Millisecond)
-	r.pool.mu.Lock()
-	first := r.pool.ready[0]
-	r.pool.mu.Unlock()
+	p := r.pools[len(r.pools)-1]
+	p.mu.Lock()
+	first := p.ready[0]
+	p.mu.Unlock()
 	waitUntil(t, "the old jail to be replaced", func() bool {
-		r.pool.mu.Lock()
-		defer r.pool.mu.Unlock()
-		return !first.alive() && len(r.pool.ready) == 1 && r.pool.ready[0] != first
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return !first.alive() && len(p.ready) == 1 && p.ready[0] != first
 	})
+	p.mu.Lock()
+	last := append([]*jail{}, p.ready...)
+	p.mu.Unlock()
 	r.Close()
-	if n := r.pool.count(); n != 0 {
+	if n, _ := r.WarmJails(); n != 0 {
 		t.Fatalf("%d warm jails after Close", n)
 	}
-	r.pool.mu.Lock()
-	defer r.pool.mu.Unlock()
-	for _, j := range r.pool.ready {
+	for _, j := range last {
 		if j.alive() {
 			t.Fatal("a warm jail survived Close")
 		}

@@ -13,12 +13,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -36,9 +36,12 @@ type Config struct {
 	MaxStdoutBytes int // default 1 MiB
 	MaxResultBytes int // default 1 MiB
 
-	// PoolSize warm jails are kept started ahead of time, each with the interpreter up and Preload imported,
-	// waiting for a script; 0 turns the pool off. A warm jail serves one script and is destroyed; one older than
-	// PoolMaxAge is replaced without serving.
+	// Warm jails are kept started ahead of time, waiting for a script, in pools of PoolSize each: plain ones (the
+	// interpreter up) and one pool per prefix of Preload (with the default: numpy; numpy and pandas). A script gets
+	// a jail from the smallest pool that has every Preload module it names, so a warm jail does ahead of time only
+	// what the script would have done itself, never more. A warm jail serves one script and is destroyed; one
+	// older than PoolMaxAge is replaced without serving. PoolSize 0 turns the pools off: every jail starts cold,
+	// on the request's path.
 	PoolSize   int
 	PoolMaxAge time.Duration // default 5 minutes
 	Preload    []string      // default numpy, pandas
@@ -55,7 +58,8 @@ type Runner struct {
 	cgroupErr  error
 	harnessDir string
 	args       []string // nsjail's arguments, rendered once; a warm jail adds the modules to preload
-	pool       *pool
+	pools      []*pool // pools[i] preloads Preload[:i]: pools[0] is plain
+	cleanups   sync.WaitGroup // jails being destroyed after their answer went out
 }
 
 // Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
@@ -144,7 +148,9 @@ func New(cfg Config) (*Runner, error) {
 		strconv.FormatInt(limits.CPUSeconds, 10), strconv.FormatInt(asBytes, 10))
 
 	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}
-	r.pool = newPool(r, cfg.PoolSize, cfg.PoolMaxAge)
+	for i := 0; i <= len(cfg.Preload); i++ {
+		r.pools = append(r.pools, newPool(r, cfg.PoolSize, cfg.PoolMaxAge, cfg.Preload[:i]))
+	}
 	return r, nil
 }
 
@@ -163,14 +169,35 @@ func (r *Runner) Info() Info {
 // Limits returns the jail's limits as read from nsjail.cfg.
 func (r *Runner) Limits() Limits { return r.limits }
 
-// Close stops the pool, destroys its warm jails, and removes what New created.
+// poolFor picks the pool whose jails fit the script: the smallest that has every preloaded module the script
+// names anywhere in its source. It is a hint for speed only: every pool's jail is the same jail, and a script that
+// imports pandas in a plain jail simply imports it itself.
+func (r *Runner) poolFor(script []byte) *pool {
+	for i := len(r.cfg.Preload); i > 0; i-- {
+		if bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
+			return r.pools[i]
+		}
+	}
+	return r.pools[0]
+}
+
+// Close stops the pools, destroys their warm jails, and removes what New created.
 func (r *Runner) Close() error {
-	r.pool.close()
+	for _, p := range r.pools {
+		p.close()
+	}
+	r.cleanups.Wait()
 	return os.RemoveAll(r.harnessDir)
 }
 
-// WarmJails is how many warm jails are ready now.
-func (r *Runner) WarmJails() int { return r.pool.count() }
+// WarmJails is how many warm jails are ready now, in all pools, and how many the pools keep.
+func (r *Runner) WarmJails() (ready, size int) {
+	for _, p := range r.pools {
+		ready += p.count()
+		size += p.size
+	}
+	return ready, size
+}
 
 // ColdCommand is the nsjail command line of a cold jail, as Run uses it: for measuring the floor under the service
 // (cmd/bench). Descriptors 3, 4 and 5 must be the script, the result channel and nsjail's log.
@@ -179,16 +206,16 @@ func (r *Runner) ColdCommand() (path string, args []string) {
 }
 
 // Run executes script in a fresh jail and waits until the jail and everything in it are gone. The jail is a warm
-// one from the pool when one is ready (interpreter up, numpy and pandas imported), else one started now.
+// one from a pool when one is ready, else one started now.
 //
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
 func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
-	j := r.pool.take()
+	j := r.poolFor(script).take()
 	warm := j != nil
 	if !warm {
 		var err error
-		if j, err = r.launch(false); err != nil {
+		if j, err = r.launch(nil); err != nil {
 			return Outcome{}, err
 		}
 		if err := j.awaitReady(ctx); err != nil {
@@ -256,54 +283,4 @@ func firstLines(b []byte, n int) string {
 		keep = keep[:n]
 	}
 	return strings.Join(keep, " | ")
-}
-
-// capped is a stream read to its end, keeping at most a cap of it.
-type capped struct {
-	data      []byte
-	truncated bool
-}
-
-func (c capped) get() ([]byte, bool) { return c.data, c.truncated }
-
-// drainAsync reads r until EOF, keeping the first max bytes and discarding the rest, so the writer never blocks
-// on a full pipe whatever it writes.
-func drainAsync(r io.Reader, max int) <-chan capped {
-	ch := make(chan capped, 1)
-	go func() { ch <- drain(r, max) }()
-	return ch
-}
-
-func drain(r io.Reader, max int) capped {
-	var buf bytes.Buffer
-	n, _ := io.Copy(&buf, io.LimitReader(r, int64(max)+1))
-	c := capped{data: buf.Bytes()}
-	if n > int64(max) {
-		c.data, c.truncated = c.data[:max], true
-		_, _ = io.Copy(io.Discard, r)
-	}
-	return c
-}
-
-type resultRead struct {
-	capped
-	started bool
-}
-
-// readResultAsync reads the result channel: the start byte (closing started when it arrives), then the frame.
-func readResultAsync(r io.Reader, started chan<- struct{}, max int) <-chan resultRead {
-	ch := make(chan resultRead, 1)
-	go func() {
-		var res resultRead
-		first := make([]byte, 1)
-		if n, _ := io.ReadFull(r, first); n == 1 && first[0] == 'S' {
-			res.started = true
-			close(started)
-			res.capped = drain(r, max)
-		} else {
-			_, _ = io.Copy(io.Discard, r)
-		}
-		ch <- res
-	}()
-	return ch
 }

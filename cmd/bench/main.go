@@ -1,0 +1,327 @@
+// Command bench measures safe-py's latency and throughput on the contract's three examples (hello, numpy,
+// pandas), side by side in one run with the floor under it:
+//
+//   - floor:        the same scripts run directly in nsjail, with the same config and command line, no service;
+//   - service cold: the service over loopback HTTP with its warm-jail pools off (SAFEPY_POOL_SIZE=0);
+//   - service warm: the service over loopback HTTP with its default pools.
+//
+// Each is measured at concurrency 1 with one request every -pace (a light load, which the pools can keep up with),
+// at concurrency 1 back to back, and at concurrency 4 back to back (throughput). It prints p50, p95 and requests
+// per second, and writes an SVG chart. Everything runs in this process and talks to 127.0.0.1 only.
+//
+//	go run ./cmd/bench -svg docs/bench.svg
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/safe-py/safepy"
+	"github.com/safe-py/safepy/sandbox"
+	"github.com/safe-py/safepy/workload"
+)
+
+type scenario struct {
+	name        string
+	concurrency int
+	requests    int
+	pace        time.Duration // between request starts at concurrency 1; 0 is back to back
+}
+
+type result struct {
+	p50, p95 time.Duration
+	rps      float64
+}
+
+func main() {
+	n := flag.Int("n", 30, "requests per measurement at concurrency 1 (four times as many at concurrency 4)")
+	pace := flag.Duration("pace", 400*time.Millisecond, "time between request starts in the paced scenario")
+	svg := flag.String("svg", "", "write a chart to this file")
+	flag.Parse()
+	if err := run(*n, *pace, *svg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(n int, pace time.Duration, svgPath string) error {
+	if n < 5 || n > 1000 {
+		return fmt.Errorf("-n must be 5..1000")
+	}
+	scenarios := []scenario{
+		{fmt.Sprintf("c=1, one request every %s", pace), 1, n, pace},
+		{"c=1, back to back", 1, n, 0},
+		{"c=4, back to back", 4, 4 * n, 0},
+	}
+	cfg, err := safepy.ConfigFromEnv()
+	if err != nil {
+		return err
+	}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	targets := []string{"floor", "service cold", "service warm"}
+	results := map[string]map[string]map[string]result{} // target -> example -> scenario
+
+	for _, target := range targets {
+		results[target] = map[string]map[string]result{}
+		var do func([]byte) error
+		var settle func()
+		var done func()
+		switch target {
+		case "floor":
+			r, err := sandbox.New(cfg.Sandbox)
+			if err != nil {
+				return err
+			}
+			path, args := r.ColdCommand()
+			do = func(script []byte) error { return floor(path, args, script) }
+			settle, done = func() {}, func() { r.Close() }
+		default:
+			c := cfg
+			if target == "service cold" {
+				c.Sandbox.PoolSize = 0
+			}
+			c.Queue = 16 // nothing is refused at concurrency 4: this measures speed, not admission
+			svc, err := safepy.NewService(c, quiet)
+			if err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				return err
+			}
+			srv := &http.Server{Handler: svc}
+			go srv.Serve(ln)
+			url := "http://" + ln.Addr().String() + "/execute"
+			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
+			do = func(script []byte) error { return post(client, url, script) }
+			// Every measurement starts from the same state: the pools full, as they are on a server at rest.
+			settle = func() {
+				for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+					if ready, size := svc.WarmJails(); ready == size {
+						return
+					}
+				}
+			}
+			done = func() { srv.Close(); svc.Close() }
+		}
+		for _, ex := range workload.Examples {
+			results[target][ex.Name] = map[string]result{}
+			body := []byte(ex.Source)
+			for i := 0; i < 3; i++ { // warm the page cache and the connections
+				if err := do(body); err != nil {
+					return fmt.Errorf("%s %s: %w", target, ex.Name, err)
+				}
+			}
+			for _, sc := range scenarios {
+				settle()
+				res, err := measure(do, body, sc)
+				if err != nil {
+					return fmt.Errorf("%s %s %s: %w", target, ex.Name, sc.name, err)
+				}
+				results[target][ex.Name][sc.name] = res
+				fmt.Fprintf(os.Stderr, "%-13s %-7s %-32s p50 %6.1f ms  p95 %6.1f ms  %6.1f req/s\n",
+					target, ex.Name, sc.name, msf(res.p50), msf(res.p95), res.rps)
+			}
+		}
+		done()
+	}
+
+	report(os.Stdout, targets, scenarios, results)
+	if svgPath != "" {
+		if err := os.WriteFile(svgPath, chart(targets, scenarios, results), 0o644); err != nil {
+			return err
+		}
+		fmt.Printf("\nchart written to %s\n", svgPath)
+	}
+	return nil
+}
+
+func msf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// measure sends sc.requests scripts at sc.concurrency and returns the latency percentiles and the rate.
+func measure(do func([]byte) error, script []byte, sc scenario) (result, error) {
+	var mu sync.Mutex
+	var lat []time.Duration
+	var firstErr error
+	jobs := make(chan struct{})
+	var wg sync.WaitGroup
+	begin := time.Now()
+	for w := 0; w < sc.concurrency; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				t := time.Now()
+				err := do(script)
+				d := time.Since(t)
+				mu.Lock()
+				lat = append(lat, d)
+				if err != nil && firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	next := time.Now()
+	for i := 0; i < sc.requests; i++ {
+		if sc.pace > 0 {
+			time.Sleep(time.Until(next))
+			next = next.Add(sc.pace)
+		}
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	wg.Wait()
+	elapsed := time.Since(begin)
+	if firstErr != nil {
+		return result{}, firstErr
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return result{p50: lat[len(lat)/2], p95: lat[(len(lat)*95+99)/100-1], rps: float64(len(lat)) / elapsed.Seconds()}, nil
+}
+
+func post(client *http.Client, url string, script []byte) error {
+	body, _ := json.Marshal(map[string]string{"script": string(script)})
+	resp, err := client.Post(url, "application/json", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("status %d: %s", resp.StatusCode, b)
+	}
+	return nil
+}
+
+// floor runs a script in nsjail directly: the jail's command line, its descriptors, and nothing else.
+func floor(path string, args []string, script []byte) error {
+	scriptR, scriptW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	resultR, resultW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(path, args...)
+	cmd.Env = []string{}
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	cmd.ExtraFiles = []*os.File{scriptR, resultW, devnull}
+	err = cmd.Start()
+	scriptR.Close()
+	resultW.Close()
+	devnull.Close()
+	if err != nil {
+		scriptW.Close()
+		resultR.Close()
+		return err
+	}
+	go func() { scriptW.Write(script); scriptW.Close() }()
+	out, _ := io.ReadAll(resultR)
+	resultR.Close()
+	if err := cmd.Wait(); err != nil {
+		return err
+	}
+	if !bytes.HasPrefix(out, []byte("SR")) {
+		return fmt.Errorf("no result: %q", out)
+	}
+	return nil
+}
+
+func report(w io.Writer, targets []string, scenarios []scenario, results map[string]map[string]map[string]result) {
+	fmt.Fprintf(w, "\n%-8s %-34s", "example", "scenario")
+	for _, t := range targets {
+		fmt.Fprintf(w, " | %-28s", t+": p50 / p95 ms, req/s")
+	}
+	fmt.Fprintln(w)
+	for _, ex := range workload.Examples {
+		for _, sc := range scenarios {
+			fmt.Fprintf(w, "%-8s %-34s", ex.Name, sc.name)
+			for _, t := range targets {
+				r := results[t][ex.Name][sc.name]
+				fmt.Fprintf(w, " | %7.1f / %7.1f  %7.1f   ", msf(r.p50), msf(r.p95), r.rps)
+			}
+			fmt.Fprintln(w)
+		}
+	}
+	paced, c4 := scenarios[0].name, scenarios[2].name
+	warm := results["service warm"]
+	fmt.Fprintf(w, "\nTargets, measured above in this one run:\n")
+	fmt.Fprintf(w, "  warm pandas p50 / warm hello p50 (%s): %.2fx (target <= 1.5x)\n", paced,
+		msf(warm["pandas"][paced].p50)/msf(warm["hello"][paced].p50))
+	fmt.Fprintf(w, "  warm hello p50 / floor hello p50 (%s): %.2fx (target <= 1.3x)\n", paced,
+		msf(warm["hello"][paced].p50)/msf(results["floor"]["hello"][paced].p50))
+	for _, ex := range workload.Examples {
+		fmt.Fprintf(w, "  warm / cold req/s at %s, %s: %.2fx (target >= 1x)\n", c4, ex.Name,
+			warm[ex.Name][c4].rps/results["service cold"][ex.Name][c4].rps)
+	}
+}
+
+// chart draws p50 latency at concurrency 1 (paced) and requests per second at concurrency 4, per example and target.
+func chart(targets []string, scenarios []scenario, results map[string]map[string]map[string]result) []byte {
+	colors := map[string]string{"floor": "#9e9e9e", "service cold": "#e57373", "service warm": "#43a047"}
+	var b strings.Builder
+	const width, height, panelW = 900, 380, 420
+	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
+	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", width, height)
+	panels := []struct {
+		title string
+		value func(result) float64
+		unit  string
+		sc    string
+	}{
+		{"p50 latency, ms (" + scenarios[0].name + ")", func(r result) float64 { return msf(r.p50) }, "ms", scenarios[0].name},
+		{"requests per second (" + scenarios[2].name + ")", func(r result) float64 { return r.rps }, "/s", scenarios[2].name},
+	}
+	for pi, p := range panels {
+		x0 := 40 + pi*(panelW+40)
+		top, bottom := 50, 310
+		max := 0.0
+		for _, t := range targets {
+			for _, ex := range workload.Examples {
+				if v := p.value(results[t][ex.Name][p.sc]); v > max {
+					max = v
+				}
+			}
+		}
+		fmt.Fprintf(&b, `<text x="%d" y="25" font-weight="bold">%s</text>`+"\n", x0, p.title)
+		fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>`+"\n", x0, bottom, x0+panelW-20, bottom)
+		groupW := (panelW - 20) / len(workload.Examples)
+		barW := (groupW - 20) / len(targets)
+		for gi, ex := range workload.Examples {
+			gx := x0 + gi*groupW + 10
+			for ti, t := range targets {
+				v := p.value(results[t][ex.Name][p.sc])
+				h := int(float64(bottom-top) * v / max)
+				x := gx + ti*barW
+				fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="%s"/>`+"\n", x, bottom-h, barW-4, h, colors[t])
+				fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle" font-size="10">%.0f</text>`+"\n", x+(barW-4)/2, bottom-h-4, v)
+			}
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", gx+(groupW-20)/2, bottom+18, ex.Name)
+		}
+	}
+	for i, t := range targets {
+		x := 40 + i*170
+		fmt.Fprintf(&b, `<rect x="%d" y="%d" width="12" height="12" fill="%s"/><text x="%d" y="%d">%s</text>`+"\n", x, height-30, colors[t], x+18, height-20, t)
+	}
+	b.WriteString("</svg>\n")
+	return []byte(b.String())
+}
