@@ -57,8 +57,8 @@ type Runner struct {
 	cgroups    *cgroups
 	cgroupErr  error
 	harnessDir string
-	args       []string // nsjail's arguments, rendered once; a warm jail adds the modules to preload
-	pools      []*pool // pools[i] preloads Preload[:i]: pools[0] is plain
+	args       []string       // nsjail's arguments, rendered once; a warm jail adds the modules to preload
+	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
 	cleanups   sync.WaitGroup // jails being destroyed after their answer went out
 }
 
