@@ -30,6 +30,11 @@ fuzz: runtime
 	$(GO) test -run '^$$' -fuzz '^FuzzResultChannel$$' -fuzztime $(FUZZTIME) ./sandbox
 	$(GO) test -run '^$$' -fuzz '^FuzzStdout$$' -fuzztime $(FUZZTIME) ./sandbox
 
+# Latency and throughput of the contract's examples: floor (nsjail alone), service cold, service warm; writes the
+# chart the README shows.
+bench: runtime
+	$(GO) run ./cmd/bench -svg docs/bench.svg
+
 # Mixed good and hostile scripts against a server started in-process on 127.0.0.1 (see cmd/load).
 LOAD_N ?= 1000
 LOAD_C ?= 0

@@ -58,6 +58,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
 	}
+	gate := admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)
+	// The pools refill only while a slot is free and nobody waits: under saturation every CPU goes to requests.
+	cfg.Sandbox.Busy = func() bool { running, waiting := gate.InUse(); return running >= cfg.Slots || waiting > 0 }
 	runner, err := sandbox.New(cfg.Sandbox)
 	if err != nil {
 		return nil, err
@@ -82,7 +85,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
-	s := &Service{cfg: cfg, runner: runner, log: log, gate: admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)}
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate}
 	s.ready.Store(true)
 	return s, nil
 }
@@ -164,7 +167,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	}
 	out, err := s.runner.Run(r.Context(), script)
 	release()
-	entry = append(entry, slog.Bool("warm", out.Warm), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
+	entry = append(entry, slog.Bool("warm", out.Warm), slog.Int64("jail_base_bytes", out.BaseMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
 		slog.Float64("total_ms", ms(time.Since(begin))))
 
 	var se *sandbox.ScriptError

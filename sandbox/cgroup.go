@@ -350,9 +350,9 @@ func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
 
 // raiseMemory sets the memory limit to what the cgroup holds now plus extra, so that a script gets extra bytes of
 // its own whatever the jail had loaded before it arrived.
-func (j *jailCgroup) raiseMemory(extra int64) error {
+func (j *jailCgroup) raiseMemory(extra int64) (usage int64, err error) {
 	if j == nil {
-		return nil
+		return 0, nil
 	}
 	usageFile, limitFiles := filepath.Join(j.dirs[""], "memory.current"), []string{filepath.Join(j.dirs[""], "memory.max")}
 	if j.mode == CgroupV1 {
@@ -363,19 +363,18 @@ func (j *jailCgroup) raiseMemory(extra int64) error {
 	}
 	data, err := os.ReadFile(usageFile)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	usage, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
-	if err != nil {
-		return err
+	if usage, err = strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err != nil {
+		return 0, err
 	}
 	limit := strconv.FormatInt(usage+extra, 10)
 	for _, f := range limitFiles {
 		if err := writeFile(f, limit); err != nil && !(strings.Contains(f, "memsw") && errors.Is(err, os.ErrNotExist)) {
-			return err
+			return 0, err
 		}
 	}
-	return nil
+	return usage, nil
 }
 
 // signalAll sends SIGKILL to every process in the cgroup, once, without waiting for them to die.

@@ -130,7 +130,8 @@ func (j *jail) awaitReady(ctx context.Context) error {
 func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	// Memory: the script gets the limit on top of what the jail holds now (the interpreter, and in a warm jail the
 	// preloaded modules). CPU time is reset by the harness as the script arrives.
-	if err := j.cg.raiseMemory(j.r.limits.MemoryBytes); err != nil {
+	base, err := j.cg.raiseMemory(j.r.limits.MemoryBytes)
+	if err != nil {
 		j.kill()
 		out, _ := j.finish(false, nil)
 		return out, fmt.Errorf("%w: setting the jail's memory limit: %v", ErrSandbox, err)
@@ -143,7 +144,6 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	deadline := time.NewTimer(j.r.limits.Wall)
 	defer deadline.Stop()
 	var out Outcome
-	var err error
 	select {
 	case res := <-j.frame:
 		if res.complete {
@@ -164,6 +164,7 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 		out, err = j.finish(false, ctx.Err())
 	}
 	out.Timing.Run = time.Since(runStart)
+	out.BaseMemory = base
 	return out, err
 }
 

@@ -55,6 +55,7 @@ type Outcome struct {
 	Stderr          string // for diagnostics only; never returned to a client
 	Started         bool   // the interpreter came up and the script was handed over
 	Warm            bool   // the jail came from the pool of warm jails
+	BaseMemory      int64  // what the jail's cgroup held when the script arrived; the script gets its limit on top
 	Timing          Timing
 }
 

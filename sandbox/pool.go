@@ -10,7 +10,8 @@ import (
 // blocked reading its script. A request takes one if one is ready and otherwise starts a cold jail itself, so the pool can
 // only make a request faster, never refuse or delay it. Each warm jail serves one script and is destroyed; every
 // request still gets its own namespaces, cgroup, /sandbox and /tmp. One goroutine refills the pool, one jail at a
-// time, so refilling never takes more than one CPU from the requests.
+// time, and only while the service is not busy (Config.Busy): a saturated service spends no CPU on jails it cannot
+// use before the load drops, and runs exactly as it would with no pool.
 type pool struct {
 	r       *Runner
 	size    int
@@ -74,7 +75,7 @@ func (p *pool) refill() {
 	backoff := time.Duration(0)
 	for {
 		p.recycle()
-		if p.count() < p.size {
+		if p.count() < p.size && !p.r.cfg.Busy() {
 			j, err := p.r.launch(p.preload)
 			if err == nil {
 				if err = j.awaitReady(context.Background()); err != nil {
@@ -100,6 +101,8 @@ func (p *pool) refill() {
 		wait := p.maxAge / 4
 		if backoff > 0 {
 			wait = backoff
+		} else if p.count() < p.size {
+			wait = 50 * time.Millisecond // busy: look again soon (an execution's end also wakes the pool)
 		}
 		select {
 		case <-p.stop:

@@ -143,3 +143,28 @@ func TestPoolRecyclesAndCloses(t *testing.T) {
 		}
 	}
 }
+
+// What a script's memory limit sits on top of: the jail's own memory when the script arrives, per kind of jail.
+func TestBaseMemory(t *testing.T) {
+	r := newPooled(t, "", 1, time.Hour)
+	if r.Info().CgroupMode == CgroupNone {
+		t.Skip("no cgroup to read memory from on this host") // the rlimits mode is covered by TestWarmJails
+	}
+	base := map[string]int64{}
+	for _, tt := range []struct{ name, script string }{
+		{"plain", "def main():\n    return 1\n"},
+		{"numpy", "import numpy\ndef main():\n    return 1\n"},
+		{"numpy+pandas", "import pandas\ndef main():\n    return 1\n"},
+	} {
+		waitUntil(t, "warm jails", func() bool { ready, all := r.WarmJails(); return ready == all })
+		out, err := runWith(t, r, tt.script)
+		if err != nil || !out.Warm || out.BaseMemory <= 0 {
+			t.Fatalf("%s: %v warm=%v base=%d", tt.name, err, out.Warm, out.BaseMemory)
+		}
+		base[tt.name] = out.BaseMemory
+		t.Logf("%s jail holds %.1f MiB when its script arrives", tt.name, float64(out.BaseMemory)/(1<<20))
+	}
+	if !(base["plain"] < base["numpy"] && base["numpy"] < base["numpy+pandas"]) {
+		t.Fatalf("base memory %v", base)
+	}
+}

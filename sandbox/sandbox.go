@@ -17,8 +17,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -45,6 +47,9 @@ type Config struct {
 	PoolSize   int
 	PoolMaxAge time.Duration // default 5 minutes
 	Preload    []string      // default numpy, pandas
+	// Busy reports that the service has no CPU to spare: the pools do not refill while it is true, so a
+	// saturated service runs exactly as it would with no pools. Default: as many executions run as there are CPUs.
+	Busy func() bool
 
 	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
 	StartupTimeout time.Duration // default 20 s
@@ -60,6 +65,7 @@ type Runner struct {
 	args       []string       // nsjail's arguments, rendered once; a warm jail adds the modules to preload
 	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
 	cleanups   sync.WaitGroup // jails being destroyed after their answer went out
+	running    atomic.Int64   // executions under way
 }
 
 // Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
@@ -148,6 +154,10 @@ func New(cfg Config) (*Runner, error) {
 		strconv.FormatInt(limits.CPUSeconds, 10), strconv.FormatInt(asBytes, 10))
 
 	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}
+	if r.cfg.Busy == nil {
+		cpus := int64(runtime.NumCPU())
+		r.cfg.Busy = func() bool { return r.running.Load() >= cpus }
+	}
 	for i := 0; i <= len(cfg.Preload); i++ {
 		r.pools = append(r.pools, newPool(r, cfg.PoolSize, cfg.PoolMaxAge, cfg.Preload[:i]))
 	}
@@ -211,6 +221,13 @@ func (r *Runner) ColdCommand() (path string, args []string) {
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
 func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
+	r.running.Add(1)
+	defer func() {
+		r.running.Add(-1)
+		for _, p := range r.pools {
+			p.poke()
+		}
+	}()
 	j := r.poolFor(script).take()
 	warm := j != nil
 	if !warm {

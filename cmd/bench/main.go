@@ -7,7 +7,8 @@
 //
 // Each is measured at concurrency 1 with one request every -pace (a light load, which the pools can keep up with),
 // at concurrency 1 back to back, and at concurrency 4 back to back (throughput). It prints p50, p95 and requests
-// per second, and writes an SVG chart. Everything runs in this process and talks to 127.0.0.1 only.
+// per second, and writes an SVG chart. The three take turns, in rounds, each turn starting and ending at rest, so
+// that the machine's other load weighs on all alike. Everything runs in this process and talks to 127.0.0.1 only.
 //
 //	go run ./cmd/bench -svg docs/bench.svg
 package main
@@ -46,7 +47,7 @@ type result struct {
 }
 
 func main() {
-	n := flag.Int("n", 30, "requests per measurement at concurrency 1 (four times as many at concurrency 4)")
+	n := flag.Int("n", 30, "requests per measurement at concurrency 1 (six times as many at concurrency 4)")
 	pace := flag.Duration("pace", 400*time.Millisecond, "time between request starts in the paced scenario")
 	svg := flag.String("svg", "", "write a chart to this file")
 	flag.Parse()
@@ -63,7 +64,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 	scenarios := []scenario{
 		{fmt.Sprintf("c=1, one request every %s", pace), 1, n, pace},
 		{"c=1, back to back", 1, n, 0},
-		{"c=4, back to back", 4, 4 * n, 0},
+		{"c=4, back to back", 4, 6 * n, 0},
 	}
 	cfg, err := safepy.ConfigFromEnv()
 	if err != nil {
@@ -71,13 +72,13 @@ func run(n int, pace time.Duration, svgPath string) error {
 	}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	targets := []string{"floor", "service cold", "service warm"}
-	results := map[string]map[string]map[string]result{} // target -> example -> scenario
-
+	type runner struct {
+		do     func([]byte) error
+		settle func() // waits until the target is at rest: nothing running in the background
+		done   func()
+	}
+	runners := map[string]runner{}
 	for _, target := range targets {
-		results[target] = map[string]map[string]result{}
-		var do func([]byte) error
-		var settle func()
-		var done func()
 		switch target {
 		case "floor":
 			r, err := sandbox.New(cfg.Sandbox)
@@ -85,8 +86,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 				return err
 			}
 			path, args := r.ColdCommand()
-			do = func(script []byte) error { return floor(path, args, script) }
-			settle, done = func() {}, func() { r.Close() }
+			runners[target] = runner{func(script []byte) error { return floor(path, args, script) }, func() {}, func() { r.Close() }}
 		default:
 			c := cfg
 			if target == "service cold" {
@@ -105,37 +105,62 @@ func run(n int, pace time.Duration, svgPath string) error {
 			go srv.Serve(ln)
 			url := "http://" + ln.Addr().String() + "/execute"
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
-			do = func(script []byte) error { return post(client, url, script) }
-			// Every measurement starts from the same state: the pools full, as they are on a server at rest.
-			settle = func() {
+			settle := func() {
 				for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 					if ready, size := svc.WarmJails(); ready == size {
 						return
 					}
 				}
 			}
-			done = func() { srv.Close(); svc.Close() }
+			runners[target] = runner{func(script []byte) error { return post(client, url, script) }, settle,
+				func() { srv.Close(); svc.Close() }}
 		}
-		for _, ex := range workload.Examples {
+		defer runners[target].done()
+	}
+
+	// The targets take turns, in rounds, so that whatever else the machine does weighs on all of them alike.
+	// Each turn starts at rest (a service's pools full, as on a server between bursts) and ends at rest, so no
+	// target's background work runs during another's turn.
+	const rounds = 3
+	results := map[string]map[string]map[string]result{} // target -> example -> scenario
+	for _, target := range targets {
+		results[target] = map[string]map[string]result{}
+	}
+	for _, ex := range workload.Examples {
+		body := []byte(ex.Source)
+		for _, target := range targets {
 			results[target][ex.Name] = map[string]result{}
-			body := []byte(ex.Source)
 			for i := 0; i < 3; i++ { // warm the page cache and the connections
-				if err := do(body); err != nil {
+				if err := runners[target].do(body); err != nil {
 					return fmt.Errorf("%s %s: %w", target, ex.Name, err)
 				}
 			}
-			for _, sc := range scenarios {
-				settle()
-				res, err := measure(do, body, sc)
-				if err != nil {
-					return fmt.Errorf("%s %s %s: %w", target, ex.Name, sc.name, err)
+		}
+		for _, sc := range scenarios {
+			turn := sc
+			turn.requests = max(sc.requests/rounds, 1)
+			lat := map[string][]time.Duration{}
+			spent := map[string]time.Duration{}
+			for round := 0; round < rounds; round++ {
+				for _, target := range targets {
+					rn := runners[target]
+					rn.settle()
+					l, elapsed, err := measure(rn.do, body, turn)
+					if err != nil {
+						return fmt.Errorf("%s %s %s: %w", target, ex.Name, sc.name, err)
+					}
+					rn.settle()
+					lat[target] = append(lat[target], l...)
+					spent[target] += elapsed
 				}
+			}
+			for _, target := range targets {
+				res := summarize(lat[target], spent[target])
 				results[target][ex.Name][sc.name] = res
 				fmt.Fprintf(os.Stderr, "%-13s %-7s %-32s p50 %6.1f ms  p95 %6.1f ms  %6.1f req/s\n",
 					target, ex.Name, sc.name, msf(res.p50), msf(res.p95), res.rps)
 			}
 		}
-		done()
 	}
 
 	report(os.Stdout, targets, scenarios, results)
@@ -150,8 +175,8 @@ func run(n int, pace time.Duration, svgPath string) error {
 
 func msf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// measure sends sc.requests scripts at sc.concurrency and returns the latency percentiles and the rate.
-func measure(do func([]byte) error, script []byte, sc scenario) (result, error) {
+// measure sends sc.requests scripts at sc.concurrency and returns each latency and the time it all took.
+func measure(do func([]byte) error, script []byte, sc scenario) ([]time.Duration, time.Duration, error) {
 	var mu sync.Mutex
 	var lat []time.Duration
 	var firstErr error
@@ -185,12 +210,12 @@ func measure(do func([]byte) error, script []byte, sc scenario) (result, error) 
 	}
 	close(jobs)
 	wg.Wait()
-	elapsed := time.Since(begin)
-	if firstErr != nil {
-		return result{}, firstErr
-	}
+	return lat, time.Since(begin), firstErr
+}
+
+func summarize(lat []time.Duration, spent time.Duration) result {
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	return result{p50: lat[len(lat)/2], p95: lat[(len(lat)*95+99)/100-1], rps: float64(len(lat)) / elapsed.Seconds()}, nil
+	return result{p50: lat[len(lat)/2], p95: lat[(len(lat)*95+99)/100-1], rps: float64(len(lat)) / spent.Seconds()}
 }
 
 func post(client *http.Client, url string, script []byte) error {
