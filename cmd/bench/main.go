@@ -338,7 +338,11 @@ func chart(targets []string, scenarios []scenario, results map[string]map[string
 				h := int(float64(bottom-top) * v / max)
 				x := gx + ti*barW
 				fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="%s"/>`+"\n", x, bottom-h, barW-4, h, colors[t])
-				fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle" font-size="10">%.0f</text>`+"\n", x+(barW-4)/2, bottom-h-4, v)
+				label := fmt.Sprintf("%.0f", v)
+				if v < 10 {
+					label = fmt.Sprintf("%.1f", v)
+				}
+				fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle" font-size="10">%s</text>`+"\n", x+(barW-4)/2, bottom-h-4, label)
 			}
 			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", gx+(groupW-20)/2, bottom+18, ex.Name)
 		}
