@@ -19,6 +19,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -115,7 +116,14 @@ func run(n, clients int, duration time.Duration, target string, pid int) error {
 				if a.status != 503 && (a.status != s.Status || body.Error.Type != s.Type) {
 					a.wrong = fmt.Sprintf("%s: got %d %s, want %d %s", s.Name, a.status, body.Error.Type, s.Status, s.Type)
 				}
+				if a.status == 503 && (body.Error.Type != "Overloaded" || resp.Header.Get("Retry-After") == "") {
+					a.wrong = fmt.Sprintf("%s: a 503 that is not Overloaded with Retry-After: %s", s.Name, b)
+				}
 				answers <- a
+				if a.status == 503 { // a polite client waits as it is told before it sends again
+					secs, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
+					time.Sleep(time.Duration(min(max(secs, 1), 5)) * time.Second)
+				}
 			}
 		}()
 	}
