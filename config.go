@@ -95,14 +95,20 @@ func ConfigFromEnv() (Config, error) {
 	return cfg, nil
 }
 
+// serverShare is the memory kept for the server itself, outside every jail.
+const serverShare = 256 << 20
+
+// warmJailsPerSlot is what the warm jails that come with a slot hold (by default one of each pool: about 9, 18 and
+// 47 MiB here, rounded up).
+const warmJailsPerSlot = 96 << 20
+
 // defaultSlots fits the number of jails running at once to the machine: one per CPU, so that a script's wall time
 // is a CPU's worth of time and a neighbour's busy loop cannot push it into a timeout; and no more than the memory
-// left after the server's own share holds at each jail's limit.
+// left after the server's own share holds, each slot with a jail at its limit and its warm jails.
 func defaultSlots(jailMemory int64) int {
-	const serverShare = 256 << 20
 	slots := runtime.NumCPU()
 	if mem := availableMemory(); mem > 0 && jailMemory > 0 {
-		if byMemory := int((mem - serverShare) / jailMemory); byMemory < slots {
+		if byMemory := int((mem - serverShare) / (jailMemory + warmJailsPerSlot)); byMemory < slots {
 			slots = byMemory
 		}
 	}

@@ -101,7 +101,9 @@ func TestCloudBuild(t *testing.T) {
 	if strings.HasSuffix(mem, "Gi") {
 		memMiB *= 1024
 	}
-	if slots < 1 || slots > cpus || memMiB < 256*slots+256 {
-		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and 256 MiB per slot plus 256 MiB", slots, cpus, mem)
+	perSlot := (268435456 + warmJailsPerSlot) >> 20
+	if slots < 1 || slots > cpus || memMiB < perSlot*slots+serverShare>>20 {
+		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and %d MiB per slot plus %d MiB",
+			slots, cpus, mem, perSlot, serverShare>>20)
 	}
 }

@@ -58,6 +58,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
 	}
+	if mem := availableMemory(); mem > 2*serverShare && cfg.Sandbox.AllJailsMemory == 0 {
+		cfg.Sandbox.AllJailsMemory = mem - serverShare
+	}
 	gate := admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)
 	// The pools refill only while a slot is free and nobody waits: under saturation every CPU goes to requests.
 	cfg.Sandbox.Busy = func() bool { running, waiting := gate.InUse(); return running >= cfg.Slots || waiting > 0 }

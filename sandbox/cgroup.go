@@ -47,7 +47,7 @@ const jailOverheadTasks = 2
 
 // detectCgroups finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it.
 // want is "auto", "v1", "v2" or "none". With "auto" it prefers v2, then v1, then rlimits.
-func detectCgroups(want string, l Limits, probe string) (*cgroups, error) {
+func detectCgroups(want string, l Limits, probe string, total int64) (*cgroups, error) {
 	mounts, err := cgroupMounts()
 	if err != nil && want != "none" {
 		return nil, err
@@ -72,6 +72,9 @@ func detectCgroups(want string, l Limits, probe string) (*cgroups, error) {
 			cg, err = setupV2(mounts)
 		} else {
 			cg, err = setupV1(mounts)
+		}
+		if err == nil && total > 0 {
+			err = cg.limitAll(total)
 		}
 		if err == nil {
 			// Prove it works before relying on it: a cgroup with the real limits, a process started inside it
@@ -242,6 +245,16 @@ func setupV2(mounts []cgroupMount) (*cgroups, error) {
 	return &cgroups{mode: CgroupV2, v2: base}, nil
 }
 
+// limitAll caps the memory of all jails together, so that a full house of scripts at their limits cannot push
+// the whole container into the OOM killer: past the cap, the kernel kills within the jails.
+func (c *cgroups) limitAll(total int64) error {
+	v := strconv.FormatInt(total, 10)
+	if c.mode == CgroupV2 {
+		return writeFile(filepath.Join(c.v2, "memory.max"), v)
+	}
+	return writeFile(filepath.Join(c.v1["memory"], "memory.limit_in_bytes"), v)
+}
+
 // jailCgroup is the cgroup of one jail: one directory per controller on v1, one directory on v2.
 type jailCgroup struct {
 	mode   CgroupMode
@@ -348,33 +361,21 @@ func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
 	return nil
 }
 
-// raiseMemory sets the memory limit to what the cgroup holds now plus extra, so that a script gets extra bytes of
-// its own whatever the jail had loaded before it arrived.
-func (j *jailCgroup) raiseMemory(extra int64) (usage int64, err error) {
+// memoryUsage is what the cgroup holds now.
+func (j *jailCgroup) memoryUsage() int64 {
 	if j == nil {
-		return 0, nil
+		return 0
 	}
-	usageFile, limitFiles := filepath.Join(j.dirs[""], "memory.current"), []string{filepath.Join(j.dirs[""], "memory.max")}
+	usageFile := filepath.Join(j.dirs[""], "memory.current")
 	if j.mode == CgroupV1 {
-		dir := j.dirs["memory"]
-		usageFile = filepath.Join(dir, "memory.usage_in_bytes")
-		// memory+swap may never be below memory: raise it first.
-		limitFiles = []string{filepath.Join(dir, "memory.memsw.limit_in_bytes"), filepath.Join(dir, "memory.limit_in_bytes")}
+		usageFile = filepath.Join(j.dirs["memory"], "memory.usage_in_bytes")
 	}
 	data, err := os.ReadFile(usageFile)
 	if err != nil {
-		return 0, err
+		return 0
 	}
-	if usage, err = strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err != nil {
-		return 0, err
-	}
-	limit := strconv.FormatInt(usage+extra, 10)
-	for _, f := range limitFiles {
-		if err := writeFile(f, limit); err != nil && !(strings.Contains(f, "memsw") && errors.Is(err, os.ErrNotExist)) {
-			return 0, err
-		}
-	}
-	return usage, nil
+	usage, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	return usage
 }
 
 // signalAll sends SIGKILL to every process in the cgroup, once, without waiting for them to die.

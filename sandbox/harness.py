@@ -20,8 +20,7 @@ import sys
 
 SCRIPT_FD, RESULT_FD = 3, 4
 CPU_SECONDS = int(sys.argv[1])  # the script's CPU-time limit, per process, counted from its arrival
-AS_BYTES = int(sys.argv[2])  # without cgroups: the script's address space on top of the jail's; 0 with cgroups
-PRELOAD = sys.argv[3:]  # modules to import before the script arrives (a warm jail)
+PRELOAD = sys.argv[2:]  # modules to import before the script arrives (a warm jail)
 
 
 def write_all(fd, data):
@@ -82,15 +81,12 @@ def run():
     os.close(SCRIPT_FD)
     source = b"".join(chunks)
 
-    # The script's limits count from now, not from the jail's start: what the harness spent starting up and
+    # The script's time counts from now, not from the jail's start: what the harness spent starting up and
     # preloading is not the script's. RLIMIT_CPU is whole seconds; the hard limit kills one second after SIGXCPU.
+    # (Memory is not reset: the jail's limit is its total, preloaded modules included, warm or cold alike.)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = int(usage.ru_utime + usage.ru_stime + CPU_SECONDS + 0.999)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    if AS_BYTES:
-        with open("/proc/self/statm") as f:
-            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (size + AS_BYTES, size + AS_BYTES))
 
     filename = "/sandbox/script.py"
     owner = os.getpid()

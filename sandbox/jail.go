@@ -128,14 +128,10 @@ func (j *jail) awaitReady(ctx context.Context) error {
 
 // run hands the script to a ready jail and waits for its answer. The script's limits count from here.
 func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
-	// Memory: the script gets the limit on top of what the jail holds now (the interpreter, and in a warm jail the
-	// preloaded modules). CPU time is reset by the harness as the script arrives.
-	base, err := j.cg.raiseMemory(j.r.limits.MemoryBytes)
-	if err != nil {
-		j.kill()
-		out, _ := j.finish(false, nil)
-		return out, fmt.Errorf("%w: setting the jail's memory limit: %v", ErrSandbox, err)
-	}
+	// What the jail holds as the script arrives (the interpreter, and in a warm jail its preloaded modules) counts
+	// against the memory limit, as it would if the script had imported them itself: warm or cold, a script has
+	// the same memory. The harness resets CPU time as the script arrives.
+	base := j.cg.memoryUsage()
 	runStart := time.Now()
 	go func() {
 		j.scriptW.Write(script) // fails with EPIPE if the jail died first; the exit status tells why
@@ -144,6 +140,7 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	deadline := time.NewTimer(j.r.limits.Wall)
 	defer deadline.Stop()
 	var out Outcome
+	var err error
 	select {
 	case res := <-j.frame:
 		if res.complete {
@@ -170,16 +167,17 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 
 // answer decides the outcome from a complete frame, then destroys the jail in the background.
 func (j *jail) answer(res resultRead) (Outcome, error) {
+	// Nothing of the script runs after its answer: every process of the jail gets SIGKILL now, before stdout is
+	// collected (what is in the pipe stays readable, and nothing can add to it). Waiting for the kernel to reap
+	// them and removing the cgroup happen after the answer.
+	obs := j.observe(res, false)
+	j.cg.signalAll()
+	_ = j.cmd.Process.Kill()
 	outBytes, outTrunc := j.stdout.now()
 	errBytes, _ := j.stderr.now()
-	obs := j.observe(res, false)
 	out := j.outcome(obs, outBytes, outTrunc, errBytes)
 	result, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
 	out.Result = result
-	// Nothing of the script runs after its answer: every process of the jail gets SIGKILL now. Waiting for the
-	// kernel to reap them and removing the cgroup happen after the answer.
-	j.cg.signalAll()
-	_ = j.cmd.Process.Kill()
 	j.r.cleanups.Add(1)
 	go func() {
 		defer j.r.cleanups.Done()

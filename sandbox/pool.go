@@ -50,7 +50,11 @@ func (p *pool) take() *jail {
 		if j.alive() && time.Since(j.readyAt) < p.maxAge {
 			return j
 		}
-		go j.discard()
+		p.r.cleanups.Add(1)
+		go func() {
+			defer p.r.cleanups.Done()
+			j.discard()
+		}()
 	}
 	return nil
 }
@@ -72,15 +76,25 @@ func (p *pool) count() int {
 // refill keeps the pool full and replaces jails that reached their maximum age or died.
 func (p *pool) refill() {
 	defer p.wg.Done()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { // closing the pool abandons a start under way
+		<-p.stop
+		cancel()
+	}()
 	backoff := time.Duration(0)
 	for {
 		p.recycle()
-		if p.count() < p.size && !p.r.cfg.Busy() {
+		if p.count() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
 			j, err := p.r.launch(p.preload)
 			if err == nil {
-				if err = j.awaitReady(context.Background()); err != nil {
+				if err = j.awaitReady(ctx); err != nil {
 					j.finish(false, err)
 				}
+			}
+			<-p.r.refilling
+			if ctx.Err() != nil {
+				return
 			}
 			if err != nil {
 				// The cold path still works if the sandbox does; do not spin on a failing start.
@@ -110,6 +124,16 @@ func (p *pool) refill() {
 		case <-p.wake:
 		case <-time.After(wait):
 		}
+	}
+}
+
+// turn waits for the pools' shared token, which lets one jail start at a time between all pools.
+func (p *pool) turn(ctx context.Context) bool {
+	select {
+	case p.r.refilling <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 

@@ -91,7 +91,7 @@ def main():
 				t.Fatalf("200 MiB in a warm jail: %s %v", out.Result, err)
 			}
 			var se *ScriptError
-			_, err = warm("import pandas\ndef main():\n    a = bytearray(300 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n")
+			_, err = warm("import pandas\ndef main():\n    a = bytearray(350 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n")
 			if !errors.As(err, &se) || se.Limit != LimitMemory {
 				t.Fatalf("300 MiB in a warm jail: %v", err)
 			}
@@ -166,5 +166,36 @@ func TestBaseMemory(t *testing.T) {
 	}
 	if !(base["plain"] < base["numpy"] && base["numpy"] < base["numpy+pandas"]) {
 		t.Fatalf("base memory %v", base)
+	}
+}
+
+// Warm or cold, a script has the same memory: what the jail preloaded counts as if the script had imported it.
+func TestWarmAndColdAlike(t *testing.T) {
+	warm := newPooled(t, "", 1, time.Hour)
+	if warm.Info().CgroupMode == CgroupNone {
+		t.Skip("memory is address space without cgroups; TestWarmJails covers that mode")
+	}
+	coldCfg := testConfig()
+	cold, err := New(coldCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cold.Close()
+	for _, tt := range []struct {
+		mib  int
+		fits bool
+	}{{200, true}, {240, false}} {
+		script := fmt.Sprintf("import pandas\ndef main():\n    a = bytearray(%d << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n", tt.mib)
+		for name, r := range map[string]*Runner{"warm": warm, "cold": cold} {
+			waitUntil(t, "warm jails", func() bool { ready, all := warm.WarmJails(); return ready == all })
+			out, err := runWith(t, r, script)
+			if out.Warm != (name == "warm") {
+				t.Fatalf("%s run was warm=%v", name, out.Warm)
+			}
+			var se *ScriptError
+			if tt.fits && err != nil || !tt.fits && !(errors.As(err, &se) && se.Limit == LimitMemory) {
+				t.Errorf("pandas and %d MiB, %s: %v (want fits=%v)", tt.mib, name, err, tt.fits)
+			}
+		}
 	}
 }

@@ -34,7 +34,8 @@ func TestRlimitFallback(t *testing.T) {
 	}{
 		{"pandas imports under RLIMIT_AS", "import pandas as pd\ndef main():\n    return int(pd.DataFrame({'a': [1, 2]})['a'].sum())\n", "", "", "3"},
 		{"200 MiB", "def main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n", "", "", "209715200"},
-		{"memory", "def main():\n    x = bytearray(300 << 20)\n", ResourceLimitError, LimitMemory, ""},
+		// Address space, not memory: 256 MiB plus AddressSpaceAllowance for what libraries reserve.
+		{"memory", "def main():\n    x = bytearray(500 << 20)\n", ResourceLimitError, LimitMemory, ""},
 		{"processes", "import subprocess\ndef main():\n    ps = [subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(30)']) for _ in range(100)]\n", ResourceLimitError, LimitProcesses, ""},
 		{"wall time", "import time\ndef main():\n    time.sleep(60)\n", TimeoutError, LimitWall, ""},
 	}

@@ -28,6 +28,9 @@ import (
 //go:embed harness.py
 var harnessSource []byte
 
+// AddressSpaceAllowance is added to the memory limit for RLIMIT_AS where there are no cgroups (see New).
+const AddressSpaceAllowance = 192 << 20
+
 // Config says where the sandbox's pieces are. The zero value of each size means its default.
 type Config struct {
 	Nsjail     string // the nsjail binary
@@ -47,6 +50,9 @@ type Config struct {
 	PoolSize   int
 	PoolMaxAge time.Duration // default 5 minutes
 	Preload    []string      // default numpy, pandas
+	// AllJailsMemory caps the memory of all jails together (running and warm), where there are cgroups; 0: no cap.
+	AllJailsMemory int64
+
 	// Busy reports that the service has no CPU to spare: the pools do not refill while it is true, so a
 	// saturated service runs exactly as it would with no pools. Default: as many executions run as there are CPUs.
 	Busy func() bool
@@ -64,8 +70,13 @@ type Runner struct {
 	harnessDir string
 	args       []string       // nsjail's arguments, rendered once; a warm jail adds the modules to preload
 	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
-	cleanups   sync.WaitGroup // jails being destroyed after their answer went out
+	cleanups   sync.WaitGroup // jails being destroyed in the background
 	running    atomic.Int64   // executions under way
+	refilling  chan struct{}  // one token: the pools launch one jail at a time between them
+
+	mu       sync.Mutex
+	closed   bool
+	inflight sync.WaitGroup // Run calls under way
 }
 
 // Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
@@ -107,7 +118,7 @@ func New(cfg Config) (*Runner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
 	}
-	cg, cgErr := detectCgroups(cfg.Cgroup, limits, cfg.Nsjail)
+	cg, cgErr := detectCgroups(cfg.Cgroup, limits, cfg.Nsjail, cfg.AllJailsMemory)
 	if cg == nil {
 		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %v", ErrSandbox, cfg.Cgroup, cgErr)
 	}
@@ -142,18 +153,18 @@ func New(cfg Config) (*Runner, error) {
 		"--bindmount_ro", runtimePython + ":/usr/local",
 		"--bindmount_ro", harness + ":/safepy/harness.py",
 	}
-	// The script's memory is limited from its arrival: the cgroup's limit is raised then to what the jail uses
-	// plus the limit (jail.run), or, without cgroups, the harness sets RLIMIT_AS to its address space plus the limit.
-	asBytes := int64(0)
 	if cg.mode == CgroupNone {
-		asBytes = limits.MemoryBytes
+		// Without cgroups memory is bounded by address space, which counts what libraries reserve but never use:
+		// numpy and pandas reserve some 150 MiB. The allowance keeps a pandas script's 200 MiB possible.
 		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
-		args = append(args, "--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
+		args = append(args, "--rlimit_as", strconv.FormatInt((limits.MemoryBytes+AddressSpaceAllowance)>>20, 10),
+			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
 	}
 	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py",
-		strconv.FormatInt(limits.CPUSeconds, 10), strconv.FormatInt(asBytes, 10))
+		strconv.FormatInt(limits.CPUSeconds, 10))
 
-	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args}
+	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args,
+		refilling: make(chan struct{}, 1)}
 	if r.cfg.Busy == nil {
 		cpus := int64(runtime.NumCPU())
 		r.cfg.Busy = func() bool { return r.running.Load() >= cpus }
@@ -179,23 +190,32 @@ func (r *Runner) Info() Info {
 // Limits returns the jail's limits as read from nsjail.cfg.
 func (r *Runner) Limits() Limits { return r.limits }
 
-// poolFor picks the pool whose jails fit the script: the smallest that has every preloaded module the script
-// names anywhere in its source. It is a hint for speed only: every pool's jail is the same jail, and a script that
-// imports pandas in a plain jail simply imports it itself.
-func (r *Runner) poolFor(script []byte) *pool {
-	for i := len(r.cfg.Preload); i > 0; i-- {
-		if bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
-			return r.pools[i]
+// takeWarm takes a warm jail for the script: from the smallest pool that has every preloaded module the script
+// names anywhere in its source, or failing that from a smaller one (which still saves starting the interpreter).
+// The choice is a hint for speed only: every pool's jail is the same jail, and a script that imports pandas in a
+// plain jail simply imports it itself.
+func (r *Runner) takeWarm(script []byte) *jail {
+	i := len(r.cfg.Preload)
+	for i > 0 && !bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
+		i--
+	}
+	for ; i >= 0; i-- {
+		if j := r.pools[i].take(); j != nil {
+			return j
 		}
 	}
-	return r.pools[0]
+	return nil
 }
 
 // Close stops the pools, destroys their warm jails, and removes what New created.
 func (r *Runner) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
 	for _, p := range r.pools {
 		p.close()
 	}
+	r.inflight.Wait()
 	r.cleanups.Wait()
 	return os.RemoveAll(r.harnessDir)
 }
@@ -221,6 +241,14 @@ func (r *Runner) ColdCommand() (path string, args []string) {
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
 func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return Outcome{}, fmt.Errorf("%w: the runner is closed", ErrSandbox)
+	}
+	r.inflight.Add(1)
+	r.mu.Unlock()
+	defer r.inflight.Done()
 	r.running.Add(1)
 	defer func() {
 		r.running.Add(-1)
@@ -228,7 +256,7 @@ func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
 			p.poke()
 		}
 	}()
-	j := r.poolFor(script).take()
+	j := r.takeWarm(script)
 	warm := j != nil
 	if !warm {
 		var err error
