@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -35,6 +36,10 @@ func sharedConfig() Config {
 }
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if fuzzing() { // the fuzz targets need no jail; every fuzz worker would start the pools for nothing
+		os.Exit(m.Run())
+	}
 	var err error
 	runner, err = New(sharedConfig())
 	if err != nil {
@@ -46,6 +51,13 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	runner.Close()
 	os.Exit(code)
+}
+
+// fuzzing reports whether this test binary runs as the fuzzing coordinator or one of its workers.
+func fuzzing() bool {
+	f := flag.Lookup("test.fuzz")
+	w := flag.Lookup("test.fuzzworker")
+	return f != nil && f.Value.String() != "" || w != nil && w.Value.String() == "true"
 }
 
 func run(t *testing.T, script string) (Outcome, error) {
