@@ -3,9 +3,9 @@ package safepy
 import (
 	"bytes"
 	"context"
-	"flag"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
