@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"sync/atomic"
@@ -129,7 +130,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
 			Request: r, RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
-			Latency: time.Since(begin), RemoteIP: r.RemoteAddr}))...)
+			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
 	case "/healthz":
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			methodNotAllowed(w, "GET, HEAD")
@@ -194,6 +195,13 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 			Message: "the sandbox failed; this is not caused by the script"}, stdout)
 		return append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
 	}
+}
+
+func remoteIP(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
 }
 
 // recorder remembers the status and size of an answer for its log entry.

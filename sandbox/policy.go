@@ -13,14 +13,13 @@ import (
 // Limits are the jail's resource limits. They are read from nsjail.cfg, the one place they are written down, so
 // the Go side enforces exactly what the file declares.
 type Limits struct {
-	Wall         time.Duration // time_limit
-	MemoryBytes  int64         // cgroup_mem_max
-	Processes    int64         // cgroup_pids_max
-	CPUMsPerSec  int64         // cgroup_cpu_ms_per_sec
-	CPUSeconds   int64         // rlimit_cpu
-	FileSizeMiB  int64         // rlimit_fsize
-	TmpfsBytes   int64         // the size= of the /sandbox tmpfs
-	configSource string
+	Wall        time.Duration // time_limit
+	MemoryBytes int64         // cgroup_mem_max
+	Processes   int64         // cgroup_pids_max
+	CPUMsPerSec int64         // cgroup_cpu_ms_per_sec
+	CPUSeconds  int64         // rlimit_cpu
+	FileSizeMiB int64         // rlimit_fsize
+	TmpfsBytes  int64         // the size= of the /sandbox tmpfs
 }
 
 // ReadLimits parses the top-level scalar fields of an nsjail text-format config that the Go side enforces itself.
@@ -88,7 +87,6 @@ func ReadLimits(path string) (Limits, error) {
 	}
 	l.Wall = time.Duration(wall) * time.Second
 	l.TmpfsBytes = tmpfs
-	l.configSource = path
 	return l, nil
 }
 
