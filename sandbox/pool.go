@@ -93,8 +93,8 @@ func (p *pool) refill() {
 				}
 			}
 			<-p.r.refilling
-			if ctx.Err() != nil {
-				return
+			if err != nil && ctx.Err() != nil {
+				return // closing
 			}
 			if err != nil {
 				// The cold path still works if the sandbox does; do not spin on a failing start.
