@@ -21,7 +21,7 @@ vet:
 # -p 1: the packages' tests start real jails and count processes and cgroups; one package at a time keeps
 # those counts their own on a 2-core machine.
 test: runtime vet
-	$(GO) test -p 1 -count=1 -timeout 25m ./...
+	$(GO) test -p 1 -count=1 -timeout 8m ./...
 	@$(MAKE) --no-print-directory fuzz
 
 # Each fuzz target for a short, fixed time, starting from the seed corpus checked in under testdata/fuzz.

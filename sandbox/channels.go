@@ -72,7 +72,9 @@ func (s *stream) wait() ([]byte, bool) {
 // now returns what the pipe holds now, without waiting for its end. Everything written to the pipe before the
 // call is in it: what the reader took already, and what is still buffered, which is read here.
 func (s *stream) now() ([]byte, bool) {
-	_ = s.f.SetReadDeadline(time.Now()) // stops the reader goroutine once it finds the pipe empty
+	if err := s.f.SetReadDeadline(time.Now()); err != nil { // stops the reader once it finds the pipe empty
+		s.f.Close() // not pollable (never expected for os.Pipe): stop the reader the blunt way
+	}
 	<-s.done
 	// The goroutine may have been woken by the deadline with bytes still buffered: read those directly.
 	_ = s.f.SetReadDeadline(time.Time{})

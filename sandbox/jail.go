@@ -150,7 +150,7 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 			out, err = j.answer(res)
 			break
 		}
-		out, err = j.finishWith(res, false, nil) // the channel ended without a frame: the jail is ending
+		out, err = j.finishWith(&res, false, nil) // the channel ended without a frame: the jail is ending
 	case <-j.done:
 		out, err = j.finish(false, nil)
 	case <-deadline.C:
@@ -189,14 +189,27 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 
 // finish waits for nsjail's end, then decides the outcome from everything that was seen, and removes the jail.
 func (j *jail) finish(timedOut bool, ctxErr error) (Outcome, error) {
-	return j.finishWith(<-j.frame, timedOut, ctxErr)
+	return j.finishWith(nil, timedOut, ctxErr)
 }
 
-func (j *jail) finishWith(res resultRead, timedOut bool, ctxErr error) (Outcome, error) {
+// streamGrace bounds the wait for the jail's pipes to end once nsjail has exited and the cgroup is empty.
+const streamGrace = 5 * time.Second
+
+func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcome, error) {
 	<-j.done
 	// Only possible if nsjail itself was killed: what is left of the jail goes now, which also closes the last
 	// copies of the pipes' write ends, so the readers below see their end.
 	j.cg.killAll()
+	// They end when the jail's last process is gone, which the kernel makes sure of; should a process ever hold
+	// on regardless, closing the server's ends stops the readers all the same: no request waits on a jail forever.
+	stop := time.AfterFunc(streamGrace, func() { closeFiles(j.parentEnds) })
+	defer stop.Stop()
+	var res resultRead
+	if read != nil {
+		res = *read // run took it already
+	} else {
+		res = <-j.frame
+	}
 	outBytes, outTrunc := j.stdout.wait()
 	errBytes, _ := j.stderr.wait()
 	logBytes, _ := j.nslog.wait()
