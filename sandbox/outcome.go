@@ -55,13 +55,13 @@ type Outcome struct {
 	Stderr          string // for diagnostics only; never returned to a client
 	Started         bool   // the interpreter came up and the script was handed over
 	Warm            bool   // the jail came from the pool of warm jails
-	BaseMemory      int64  // what the jail's cgroup held when the script arrived; the script gets its limit on top
+	BaseMemory      int64  // what the jail's cgroup held when the script arrived; it counts against the limit
 	Timing          Timing
 }
 
 // Timing breaks an execution down. Startup runs from starting nsjail to the interpreter being ready for the
 // script (zero for a warm jail: it was ready before the request came); Run from handing the script over to the
-// jail's end. Limits are counted from the start of Run.
+// jail's answer. Wall and CPU time are counted from the start of Run.
 type Timing struct {
 	Startup time.Duration
 	Run     time.Duration
@@ -71,8 +71,8 @@ type Timing struct {
 type observation struct {
 	started   bool
 	stalled   bool   // the jail did not come up within the start-up timeout and was killed
-	frame     []byte // the result channel after the start byte
-	truncated bool   // the frame was longer than its cap
+	frame     []byte // a complete frame from the result channel: the kind byte and the payload
+	truncated bool   // the frame's header declared a payload longer than its cap
 	exitCode  int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
 	timedOut  bool   // the Go side's wall-clock deadline fired
 	oomKilled bool   // the cgroup saw the OOM killer

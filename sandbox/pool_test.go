@@ -86,7 +86,7 @@ def main():
 			if out, err = warm("import time\ndef main():\n    time.sleep(2.5)\n    return 'in time'\n"); err != nil {
 				t.Fatalf("got %s %v", out.Result, err)
 			}
-			// A script has its memory limit to itself, on top of the preloaded modules.
+			// The preloaded modules count against the limit, and 200 MiB still fits beside them.
 			if out, err = warm("import numpy\ndef main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n"); err != nil {
 				t.Fatalf("200 MiB in a warm jail: %s %v", out.Result, err)
 			}
@@ -144,7 +144,7 @@ func TestPoolRecyclesAndCloses(t *testing.T) {
 	}
 }
 
-// What a script's memory limit sits on top of: the jail's own memory when the script arrives, per kind of jail.
+// What a jail holds when its script arrives, per kind of jail: it counts against the script's memory limit.
 func TestBaseMemory(t *testing.T) {
 	r := newPooled(t, "", 1, time.Hour)
 	if r.Info().CgroupMode == CgroupNone {

@@ -87,8 +87,8 @@ type Info struct {
 	Versions   string // what runtime/install.sh installed (nsjail, Python, packages)
 }
 
-// New checks the sandbox's pieces and prepares what every execution shares. It does not start a jail; SelfCheck
-// does.
+// New checks the sandbox's pieces, prepares what every execution shares, and starts the pools of warm jails (if
+// PoolSize > 0). Whether a jail can actually run a script is for the caller to check, with a real Run.
 func New(cfg Config) (*Runner, error) {
 	if cfg.MaxStdoutBytes <= 0 {
 		cfg.MaxStdoutBytes = 1 << 20
@@ -235,8 +235,9 @@ func (r *Runner) ColdCommand() (path string, args []string) {
 	return r.cfg.Nsjail, append([]string{}, r.args...)
 }
 
-// Run executes script in a fresh jail and waits until the jail and everything in it are gone. The jail is a warm
-// one from a pool when one is ready, else one started now.
+// Run executes script in a fresh jail and returns its outcome. The jail is a warm one from a pool when one is
+// ready, else one started now. When Run returns, every process of the jail has been sent SIGKILL; the kernel's
+// reaping and the cgroup's removal may finish just after, in the background (Close waits for them).
 //
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
