@@ -105,9 +105,9 @@ const warmJailsPerSlot = 96 << 20
 // defaultSlots fits the number of jails running at once to the machine: one per CPU, so that a script's wall time
 // is a CPU's worth of time and a neighbour's busy loop cannot push it into a timeout; and no more than the memory
 // left after the server's own share holds, each slot with a jail at its limit and its warm jails.
-func defaultSlots(jailMemory int64) int {
+func defaultSlots(jailMemory, mem int64) int {
 	slots := runtime.NumCPU()
-	if mem := availableMemory(); mem > 0 && jailMemory > 0 {
+	if mem > 0 && jailMemory > 0 {
 		if byMemory := int((mem - serverShare) / (jailMemory + warmJailsPerSlot)); byMemory < slots {
 			slots = byMemory
 		}

@@ -50,8 +50,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", sandbox.ErrSandbox, err)
 	}
+	mem := availableMemory()
 	if cfg.Slots <= 0 {
-		cfg.Slots = defaultSlots(limits.MemoryBytes)
+		cfg.Slots = defaultSlots(limits.MemoryBytes, mem)
 	}
 	if cfg.Queue < 0 {
 		cfg.Queue = 2 * cfg.Slots
@@ -59,7 +60,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
 	}
-	if mem := availableMemory(); mem > 2*serverShare && cfg.Sandbox.AllJailsMemory == 0 {
+	if mem > 2*serverShare && cfg.Sandbox.AllJailsMemory == 0 {
 		cfg.Sandbox.AllJailsMemory = mem - serverShare
 	}
 	gate := admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)
