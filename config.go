@@ -16,11 +16,13 @@ import (
 type Config struct {
 	MaxBodyBytes   int64 // SAFEPY_MAX_BODY_BYTES
 	MaxScriptBytes int   // SAFEPY_MAX_SCRIPT_BYTES
+	MaxConns       int   // SAFEPY_MAX_CONNS: connections held open at once (see connlimit)
 
 	Slots int // SAFEPY_SLOTS: jails running at once; 0 means from CPUs and memory
-	Queue int // SAFEPY_QUEUE: requests waiting for a slot; -1 means twice the slots
 	// Sandbox.PoolSize is SAFEPY_POOL_SIZE: warm jails kept ready; -1 means one per slot, 0 turns the pool off.
-	QueueWait time.Duration // SAFEPY_QUEUE_WAIT: the longest wait for a slot
+	// QueueWait is SAFEPY_QUEUE_WAIT: the longest wait for a slot; 0 means three full turns (see admission). The
+	// queue's length follows from it and the slots.
+	QueueWait time.Duration
 
 	ProjectID string // GOOGLE_CLOUD_PROJECT: for trace correlation in the logs
 
@@ -74,9 +76,9 @@ func ConfigFromEnv() (Config, error) {
 	cfg := Config{
 		MaxBodyBytes:   int64(num("SAFEPY_MAX_BODY_BYTES", 2<<20)),
 		MaxScriptBytes: num("SAFEPY_MAX_SCRIPT_BYTES", 1<<20),
+		MaxConns:       num("SAFEPY_MAX_CONNS", 512),
 		Slots:          num("SAFEPY_SLOTS", 0),
-		Queue:          orDerived("SAFEPY_QUEUE"),
-		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 3*time.Second),
+		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 0),
 		ProjectID:      os.Getenv("GOOGLE_CLOUD_PROJECT"),
 		Sandbox: sandbox.Config{
 			RuntimeDir:     runtimeDir,
@@ -87,6 +89,7 @@ func ConfigFromEnv() (Config, error) {
 			MaxResultBytes: num("SAFEPY_MAX_RESULT_BYTES", 1<<20),
 			PoolSize:       orDerived("SAFEPY_POOL_SIZE"),
 			PoolMaxAge:     duration("SAFEPY_POOL_MAX_AGE", 5*time.Minute),
+			UIDBase:        num("SAFEPY_UID_BASE", sandbox.DefaultUIDBase),
 		},
 	}
 	if len(errs) > 0 {
@@ -94,6 +97,10 @@ func ConfigFromEnv() (Config, error) {
 	}
 	return cfg, nil
 }
+
+// startupAllowance is what a turn of a slot adds to the script's wall-clock limit for starting its jail (a cold
+// jail that imports pandas takes some 0.3 s here, more under load).
+const startupAllowance = time.Second
 
 // serverShare is the memory kept for the server itself, outside every jail.
 const serverShare = 256 << 20

@@ -1,6 +1,7 @@
 package safepy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -151,6 +153,14 @@ func TestValidation(t *testing.T) {
 		{"two objects", `{"script": "x"} {"script": "y"}`, 400, "a single JSON object"},
 		{"script over its cap", scriptBody(big + "#"), 413, "'script' is over the limit of 1048576 bytes"},
 		{"body over its cap", `{"script": "` + strings.Repeat("x", 2<<20) + `"}`, 413, "request body is over the limit of 2097152 bytes"},
+		// The script that runs is exactly the one sent: nothing is picked, replaced or repaired.
+		{"two script keys", `{"script": "def main(): return 1", "script": "def main(): return 2"}`, 400, `duplicate key "script"`},
+		{"a duplicate key deeper down", `{"script": "x", "a": {"b": 1, "b": 2}}`, 400, `duplicate key "b"`},
+		{"invalid UTF-8 in the script", "{\"script\": \"def main(): return '\xff'\"}", 400, "not valid UTF-8 (at byte 32)"},
+		{"invalid UTF-8 outside it", "{\"script\": \"x\"}\xc3", 400, "not valid UTF-8"},
+		{"a lone surrogate escape", `{"script": "def main(): return '\ud800'"}`, 400, "unpaired surrogate"},
+		{"a reversed surrogate pair", `{"script": "x\ude00\ud83d"}`, 400, "unpaired surrogate"},
+		{"a form feed after the object", "{\"script\": \"x\"}\f", 400, "not valid JSON"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -182,10 +192,67 @@ func TestValidation(t *testing.T) {
 	if resp.StatusCode != 413 {
 		t.Fatalf("chunked oversized body: status %d", resp.StatusCode)
 	}
+	// An escaped backslash before a u is not an escape, and a real surrogate pair is a character.
+	if r := post(t, `{"script":"def main():\n    return [r'\\ud800', '\ud83d\ude00']\n"}`); r.status != 200 ||
+		string(r.body) != `{"result":["\\ud800","😀"],"stdout":""}`+"\n" {
+		t.Fatalf("escapes: %d %s", r.status, r.body)
+	}
 	// A script of exactly the cap is accepted.
 	tail := "\ndef main(): return 1\n"
 	if r := post(t, scriptBody(big[:1<<20-len(tail)]+tail)); r.status != 200 {
 		t.Fatalf("a script at the cap: %d %s", r.status, r.body)
+	}
+}
+
+// A client that writes its whole body before it reads its answer (Python's urllib, curl without Expect) still gets
+// the 413, also for a body much larger than what the kernel's socket buffers hold; with or without a length.
+func TestOversizedBodyGetsItsAnswer(t *testing.T) {
+	body := append([]byte(`{"script":"`), bytes.Repeat([]byte("x"), 12<<20)...)
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	for i := 0; i < 6; i++ {
+		chunked := i%2 == 1
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		head := "POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+		if chunked {
+			head += "Transfer-Encoding: chunked\r\n\r\n" + fmt.Sprintf("%x\r\n", len(body))
+		} else {
+			head += fmt.Sprintf("Content-Length: %d\r\n\r\n", len(body))
+		}
+		_, err = conn.Write(append([]byte(head), body...))
+		if err == nil && chunked {
+			_, err = conn.Write([]byte("\r\n0\r\n\r\n"))
+		}
+		if err != nil {
+			t.Fatalf("round %d (chunked %v): writing the body: %v", i, chunked, err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("round %d (chunked %v): reading the answer: %v", i, chunked, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		conn.Close()
+		if resp.StatusCode != 413 || !bytes.Contains(b, []byte(`"type":"ValidationError"`)) {
+			t.Fatalf("round %d: %d %s", i, resp.StatusCode, b)
+		}
+	}
+}
+
+// What a client controls (URL, User-Agent, Referer) reaches the access log cut to a sane length.
+func TestAccessLogIsBounded(t *testing.T) {
+	r := httptest.NewRequest("POST", "/execute?"+strings.Repeat("q", 70000), nil)
+	r.Header.Set("User-Agent", strings.Repeat("u", 60000))
+	r.Header.Set("Referer", strings.Repeat("r", 60000))
+	r.Header.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	l := loggable(r)
+	if n := len(l.URL.String()) + len(l.UserAgent()) + len(l.Referer()); n > 3*(maxLoggedLen+3) {
+		t.Fatalf("%d bytes of client-controlled text in the log entry", n)
+	}
+	if l.Header.Get("Traceparent") == "" || l.Method != "POST" {
+		t.Fatalf("the trace or method was lost: %+v", l)
 	}
 }
 
@@ -198,6 +265,8 @@ func TestRouting(t *testing.T) {
 		{"GET", "/execute", 405, "POST"},
 		{"PUT", "/execute", 405, "POST"},
 		{"POST", "/healthz", 405, "GET, HEAD"},
+		{"POST", "/health", 405, "GET, HEAD"},
+		{"GET", "/health", 200, ""},
 		{"GET", "/", 404, ""},
 		{"POST", "/execute/", 404, ""},
 		{"GET", "/healthz", 200, ""},
@@ -270,7 +339,7 @@ func TestStdoutTruncatedOverHTTP(t *testing.T) {
 }
 
 func TestConcurrentRequestsStayApart(t *testing.T) {
-	ts := newTestService(t, 4, 8, time.Minute)
+	ts := newTestService(t, 4, time.Minute)
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for i := 0; i < 8; i++ {

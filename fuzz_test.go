@@ -9,18 +9,21 @@ import (
 	"unicode/utf8"
 )
 
-// FuzzDecodeRequest: whatever the body, decoding either yields a script the contract allows, or a
-// ValidationError with 400 or 413, and never panics.
+// FuzzDecodeRequest: whatever the body, decoding either yields a script the contract allows (exactly the string
+// the body holds, from a body that is valid UTF-8 and one object without duplicate keys), or a ValidationError
+// with 400 or 413, and never panics.
 func FuzzDecodeRequest(f *testing.F) {
 	for _, seed := range []string{`{"script":"def main(): pass"}`, `{}`, `[]`, `{"script":1}`, `{"script":""}`,
-		`{"script":"x","a":1}`, `{"script":"\ud800"}`, `{"script":"x"} x`, "\xff", `{"script":"x"}` + "\n"} {
+		`{"script":"x","a":1}`, `{"script":"\ud800"}`, `{"script":"x"} x`, "\xff", `{"script":"x"}` + "\n",
+		`{"script":"x","script":"y"}`, `{"script":"\ud83d\ude00"}`, `{"script":"\\ud800"}`} {
 		f.Add([]byte(seed))
 	}
 	const maxBody, maxScript = 256, 64
 	f.Fuzz(func(t *testing.T, body []byte) {
 		r := httptest.NewRequest(http.MethodPost, "/execute", bytes.NewReader(body))
 		w := httptest.NewRecorder()
-		script, status, verr := decodeRequest(w, r, maxBody, maxScript)
+		req, status, verr := decodeRequest(w, r, maxBody, maxScript)
+		script := req.Script
 		if verr != nil {
 			if verr.Type != "ValidationError" || (status != 400 && status != 413) || verr.Message == "" {
 				t.Fatalf("error %d %+v", status, verr)
@@ -33,8 +36,11 @@ func FuzzDecodeRequest(f *testing.F) {
 			}
 			return
 		}
-		if len(body) > maxBody || len(script) == 0 || len(script) > maxScript || !utf8.Valid(script) {
+		if len(body) > maxBody || len(script) == 0 || len(script) > maxScript || !utf8.Valid(script) || !utf8.Valid(body) {
 			t.Fatalf("accepted %q from %q", script, body)
+		}
+		if err := checkJSON(body); err != nil {
+			t.Fatalf("accepted a body the strict check refuses (%v): %q", err, body)
 		}
 		var fields map[string]json.RawMessage
 		if err := json.Unmarshal(body, &fields); err != nil || len(fields) != 1 {

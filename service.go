@@ -8,11 +8,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -30,7 +32,12 @@ type Service struct {
 	gate   *admission.Gate
 	log    *slog.Logger
 	ready  atomic.Bool
+	bodies *budget // bytes of request bodies held in memory at once
 }
+
+// bodyBudget bounds the request bodies the server holds at once (read, queued or running): many clients sending
+// large bodies together get 503 rather than the server's memory.
+const bodyBudget = 64 << 20
 
 // selfCheck is run in the real jail before the service reports healthy: the interpreter, numpy and pandas
 // import, the script runs as an unprivileged user, and the result and stdout channels work.
@@ -54,16 +61,14 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	if cfg.Slots <= 0 {
 		cfg.Slots = defaultSlots(limits.MemoryBytes, mem)
 	}
-	if cfg.Queue < 0 {
-		cfg.Queue = 2 * cfg.Slots
-	}
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
 	}
 	if mem > 2*serverShare && cfg.Sandbox.AllJailsMemory == 0 {
 		cfg.Sandbox.AllJailsMemory = mem - serverShare
 	}
-	gate := admission.New(cfg.Slots, cfg.Queue, cfg.QueueWait)
+	gate := admission.New(admission.Config{Slots: cfg.Slots, Wait: cfg.QueueWait, Turn: limits.Wall + startupAllowance})
+	cfg.QueueWait = gate.Wait()
 	// The pools refill only while a slot is free and nobody waits: under saturation every CPU goes to requests.
 	cfg.Sandbox.Busy = func() bool { running, waiting := gate.InUse(); return running >= cfg.Slots || waiting > 0 }
 	runner, err := sandbox.New(cfg.Sandbox)
@@ -73,7 +78,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	info := runner.Info()
 	attrs := []any{"cgroup_mode", info.CgroupMode, "versions", info.Versions, "wall", info.Limits.Wall.String(),
 		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes,
-		"slots", cfg.Slots, "queue", cfg.Queue, "queue_wait", cfg.QueueWait.String(), "pool", cfg.Sandbox.PoolSize}
+		"slots", cfg.Slots, "max_queue", gate.MaxQueue(), "queue_wait", cfg.QueueWait.String(), "pool", cfg.Sandbox.PoolSize}
 	if info.CgroupMode == sandbox.CgroupNone {
 		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
 			append(attrs, "reason", info.CgroupNote)...)
@@ -90,22 +95,25 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
-	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate}
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, bodies: newBudget(max(bodyBudget, 2*cfg.MaxBodyBytes))}
 	s.ready.Store(true)
 	return s, nil
 }
 
-// Drain makes /healthz answer 503 from now on: the server is shutting down and takes no new work.
+// Drain makes /health answer 503 from now on: the server is shutting down and takes no new work.
 func (s *Service) Drain() { s.ready.Store(false) }
+
+// QueueWait is the longest a request waits for a slot.
+func (s *Service) QueueWait() time.Duration { return s.gate.Wait() }
+
+// MaxQueue is the longest the queue for a slot may grow.
+func (s *Service) MaxQueue() int { return s.gate.MaxQueue() }
 
 // Slots is the number of executions that run at once.
 func (s *Service) Slots() int { return s.gate.Slots() }
 
 // WarmJails is how many warm jails are ready now, and how many the pools keep.
 func (s *Service) WarmJails() (ready, size int) { return s.runner.WarmJails() }
-
-// Capacity is how many requests the service holds at once, running or queued.
-func (s *Service) Capacity() int { return s.cfg.Slots + s.cfg.Queue }
 
 // Close releases the sandbox's start-up resources.
 func (s *Service) Close() error { return s.runner.Close() }
@@ -130,9 +138,9 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
-			Request: r, RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
+			Request: loggable(r), RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
 			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
-	case "/healthz":
+	case "/health", "/healthz": // Cloud Run's front end answers paths ending in z itself: /health is for it
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			methodNotAllowed(w, "GET, HEAD")
 			return
@@ -144,31 +152,37 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	default:
 		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
-			Message: fmt.Sprintf("no such path %q; use POST /execute", r.URL.Path)}, nil)
+			Message: fmt.Sprintf("no such path %q; use POST /execute", clip(r.URL.Path, maxLoggedLen))}, nil)
 	}
 }
 
 // execute answers one execution request and returns what its log entry says: the outcome, the limit hit, the
 // durations, the script's size and a hash. Never the script, its output or its result.
 func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
-	script, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes)
+	held, ok := s.bodies.take(bodyReservation(r, s.cfg.MaxBodyBytes))
+	if !ok {
+		return s.overloaded(w, nil, time.Second, "the server is reading too many request bodies at once; retry later")
+	}
+	defer s.bodies.give(held)
+	req, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes)
 	if verr != nil {
 		writeError(w, status, *verr, nil)
 		return []slog.Attr{slog.String("outcome", verr.Type)}
 	}
+	script := req.Script
 	sum := sha256.Sum256(script)
 	begin := time.Now()
 	entry := []slog.Attr{slog.Int("script_bytes", len(script)), slog.String("script_sha256", hex.EncodeToString(sum[:8]))}
 	release, err := s.gate.Acquire(r.Context())
 	entry = append(entry, slog.Float64("queue_ms", ms(time.Since(begin))))
 	if err != nil {
-		if !errors.Is(err, admission.ErrOverloaded) {
+		var refusal *admission.Refusal
+		if !errors.As(err, &refusal) {
 			return append(entry, slog.String("outcome", "canceled")) // the client left while queued
 		}
-		w.Header().Set("Retry-After", strconv.Itoa(s.gate.RetryAfter()))
-		writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded",
-			Message: fmt.Sprintf("all %d execution slots are busy and the queue is full; retry later", s.gate.Slots())}, nil)
-		return append(entry, slog.String("outcome", "Overloaded"))
+		return s.overloaded(w, entry, refusal.RetryAfter,
+			fmt.Sprintf("all %d execution slots are busy and the queue cannot serve this request within %s; retry later",
+				s.gate.Slots(), s.gate.Wait()))
 	}
 	out, err := s.runner.Run(r.Context(), script)
 	release()
@@ -196,6 +210,67 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 			Message: "the sandbox failed; this is not caused by the script"}, stdout)
 		return append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
 	}
+}
+
+// overloaded answers 503 with a Retry-After in whole seconds, rounded up.
+func (s *Service) overloaded(w http.ResponseWriter, entry []slog.Attr, retryAfter time.Duration, message string) []slog.Attr {
+	w.Header().Set("Retry-After", strconv.Itoa(int((retryAfter+time.Second-1)/time.Second)))
+	writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded", Message: message}, nil)
+	return append(entry, slog.String("outcome", "Overloaded"))
+}
+
+// bodyReservation is what a request's body may take of the budget: what it says it is, or the cap.
+func bodyReservation(r *http.Request, maxBody int64) int64 {
+	if r.ContentLength >= 0 && r.ContentLength <= maxBody {
+		return r.ContentLength
+	}
+	return maxBody
+}
+
+// budget is a count of bytes that requests take and give back.
+type budget struct {
+	mu   sync.Mutex
+	left int64
+}
+
+func newBudget(n int64) *budget { return &budget{left: n} }
+
+func (b *budget) take(n int64) (int64, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if n > b.left {
+		return 0, false
+	}
+	b.left -= n
+	return n, true
+}
+
+func (b *budget) give(n int64) {
+	b.mu.Lock()
+	b.left += n
+	b.mu.Unlock()
+}
+
+// maxLoggedLen bounds what of a client's URL, User-Agent and Referer reaches a log line.
+const maxLoggedLen = 512
+
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "..."
+}
+
+// loggable is the part of r the access log records, with what the client controls cut to a sane length.
+func loggable(r *http.Request) *http.Request {
+	h := http.Header{}
+	for _, k := range []string{"User-Agent", "Referer", "Traceparent", "X-Cloud-Trace-Context"} {
+		if v := r.Header.Get(k); v != "" {
+			h.Set(k, clip(v, maxLoggedLen))
+		}
+	}
+	return &http.Request{Method: r.Method, URL: &url.URL{Opaque: clip(r.URL.RequestURI(), maxLoggedLen)},
+		Proto: r.Proto, Header: h, RemoteAddr: r.RemoteAddr, Host: clip(r.Host, maxLoggedLen)}
 }
 
 func remoteIP(addr string) string {
@@ -229,56 +304,6 @@ func (r *recorder) Write(b []byte) (int, error) {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// decodeRequest reads a request body strictly: one JSON object whose only field is a non-empty string "script".
-func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript int) ([]byte, int, *apiError) {
-	invalid := func(status int, format string, args ...any) ([]byte, int, *apiError) {
-		return nil, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
-	}
-	if r.ContentLength > maxBody {
-		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
-	var tooLarge *http.MaxBytesError
-	if errors.As(err, &tooLarge) {
-		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
-	}
-	if err != nil {
-		return invalid(http.StatusBadRequest, "could not read the request body: %v", err)
-	}
-	body = bytes.TrimSpace(body)
-	if len(body) == 0 || body[0] != '{' {
-		return invalid(http.StatusBadRequest, "request body must be a JSON object")
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	var fields map[string]json.RawMessage
-	if err := dec.Decode(&fields); err != nil {
-		return invalid(http.StatusBadRequest, "request body is not valid JSON: %v", err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return invalid(http.StatusBadRequest, "request body must be a single JSON object")
-	}
-	for name := range fields {
-		if name != "script" {
-			return invalid(http.StatusBadRequest, "unknown field %q; the only field is 'script'", name)
-		}
-	}
-	raw, ok := fields["script"]
-	if !ok {
-		return invalid(http.StatusBadRequest, "missing 'script' field")
-	}
-	var script string
-	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &script) != nil {
-		return invalid(http.StatusBadRequest, "'script' must be a string")
-	}
-	if script == "" {
-		return invalid(http.StatusBadRequest, "'script' must not be empty")
-	}
-	if len(script) > maxScript {
-		return invalid(http.StatusRequestEntityTooLarge, "'script' is over the limit of %d bytes of UTF-8", maxScript)
-	}
-	return []byte(script), 0, nil
-}
 
 type successResponse struct {
 	Result          json.RawMessage `json:"result"`
@@ -318,7 +343,7 @@ func methodNotAllowed(w http.ResponseWriter, allow string) {
 func unavailable(w http.ResponseWriter, r *http.Request, err error) {
 	slog.Error("refusing to serve: the sandbox is unavailable", "error", err.Error(), "path", r.URL.Path)
 	status := http.StatusInternalServerError
-	if r.URL.Path == "/healthz" {
+	if r.URL.Path == "/health" || r.URL.Path == "/healthz" {
 		status = http.StatusServiceUnavailable
 	}
 	writeError(w, status, apiError{Type: "InternalError", Message: "the sandbox is unavailable: " + err.Error()}, nil)

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,14 +30,58 @@ const (
 // The Go side owns the jail's cgroup rather than letting nsjail make one, because it must read the cgroup's
 // events (was the OOM killer or the process limit involved?) after the jail has ended, and be able to kill
 // everything in it at the deadline. nsjail removes its own cgroup before anyone could read it.
+//
+// Each runner has a directory of its own under a shared "safepy" one (safepy/PID-N), so that several servers on
+// a machine never see, count or cap each other's jails, and its jails are children of it.
 type cgroups struct {
 	mode CgroupMode
-	// v1: controller name -> directory under which each jail gets a child ("…/memory/safepy").
+	// v1: controller name -> the runner's directory, under which each jail gets a child ("…/memory/safepy/PID-N").
 	v1 map[string]string
 	// v1: controller name -> the directory this process's threads return to after starting a jail.
 	v1home map[string]string
-	// v2: the directory under which each jail gets a child.
+	// v2: the runner's directory, under which each jail gets a child.
 	v2 string
+}
+
+// runnerSeq numbers the runners of this process.
+var runnerSeq atomic.Int64
+
+// runnerDir names a new runner's cgroup directory: this process's pid (a dead server's directories are found by
+// it) and a number.
+func runnerDir() string { return fmt.Sprintf("%d-%d", os.Getpid(), runnerSeq.Add(1)) }
+
+// removeStale removes what servers that are gone left under a "safepy" directory: their jails' cgroups, if empty,
+// and their own.
+func removeStale(safepy string) {
+	entries, _ := os.ReadDir(safepy)
+	for _, e := range entries {
+		pidText, _, ok := strings.Cut(e.Name(), "-")
+		pid, err := strconv.Atoi(pidText)
+		if !ok || err != nil || !e.IsDir() || unix.Kill(pid, 0) == nil {
+			continue
+		}
+		dir := filepath.Join(safepy, e.Name())
+		jails, _ := os.ReadDir(dir)
+		for _, j := range jails {
+			if j.IsDir() {
+				os.Remove(filepath.Join(dir, j.Name()))
+			}
+		}
+		os.Remove(dir)
+	}
+}
+
+// close removes the runner's directories, which its jails have left empty.
+func (c *cgroups) close() {
+	dirs := []string{c.v2}
+	for _, d := range c.v1 {
+		dirs = append(dirs, d)
+	}
+	for _, d := range dirs {
+		if d != "" {
+			os.Remove(d)
+		}
+	}
 }
 
 var v1Controllers = []string{"memory", "pids", "cpu"}
@@ -92,6 +137,9 @@ func detectCgroups(want string, l Limits, probe string, total int64) (*cgroups, 
 		}
 		if err == nil {
 			return cg, nil
+		}
+		if cg != nil {
+			cg.close()
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", mode, err))
 	}
@@ -167,14 +215,20 @@ func setupV1(mounts []cgroupMount) (*cgroups, error) {
 					home = m.dir // inside a cgroup namespace the path may be relative to the mount already
 				}
 				cg.v1home[ctrl] = home
-				cg.v1[ctrl] = filepath.Join(home, "safepy")
 				break
 			}
 		}
-		if cg.v1[ctrl] == "" {
+		if cg.v1home[ctrl] == "" {
 			return nil, fmt.Errorf("no cgroup v1 %s controller is mounted", ctrl)
 		}
+	}
+	name := runnerDir()
+	for _, ctrl := range v1Controllers {
+		safepy := filepath.Join(cg.v1home[ctrl], "safepy")
+		removeStale(safepy)
+		cg.v1[ctrl] = filepath.Join(safepy, name)
 		if err := os.MkdirAll(cg.v1[ctrl], 0o755); err != nil {
+			cg.close()
 			return nil, err
 		}
 	}
@@ -235,11 +289,20 @@ func setupV2(mounts []cgroupMount) (*cgroups, error) {
 			return nil, fmt.Errorf("enabling controllers in %s (other processes share it?): %w", home, err)
 		}
 	}
-	base := filepath.Join(home, "safepy")
-	if err := os.MkdirAll(base, 0o755); err != nil {
+	safepy := filepath.Join(home, "safepy")
+	if err := os.MkdirAll(safepy, 0o755); err != nil {
+		return nil, err
+	}
+	if err := writeFile(filepath.Join(safepy, "cgroup.subtree_control"), want); err != nil {
+		return nil, fmt.Errorf("enabling controllers in %s: %w", safepy, err)
+	}
+	removeStale(safepy)
+	base := filepath.Join(safepy, runnerDir())
+	if err := os.Mkdir(base, 0o755); err != nil {
 		return nil, err
 	}
 	if err := writeFile(filepath.Join(base, "cgroup.subtree_control"), want); err != nil {
+		os.Remove(base)
 		return nil, fmt.Errorf("enabling controllers in %s: %w", base, err)
 	}
 	return &cgroups{mode: CgroupV2, v2: base}, nil
@@ -420,7 +483,7 @@ func killIfIn(pid int, dir string) {
 	if err != nil {
 		return
 	}
-	rel := "/safepy/" + filepath.Base(dir) // how /proc/PID/cgroup ends the jail's path
+	rel := "/safepy/" + filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir) // how /proc/PID/cgroup ends the jail's path
 	if !strings.Contains(string(data), rel+"\n") {
 		return
 	}

@@ -15,12 +15,17 @@
 # script's process ends, exits with a status that encodes how it ended (the exit code, or 128 + the signal). The
 # kernel then kills every other process in the namespace. A signal the script sends to itself therefore behaves as
 # it would outside a container, which it would not if the script ran as PID 1.
+import json
 import os
+import resource
 import sys
 
 SCRIPT_FD, RESULT_FD = 3, 4
-CPU_SECONDS = int(sys.argv[1])  # the script's CPU-time limit, per process, counted from its arrival
-PRELOAD = sys.argv[2:]  # modules to import before the script arrives (a warm jail)
+# The Go side's harnessConfig (sandbox.go): the script's CPU-time limit, per process, counted from its arrival; the
+# resource limits nsjail cannot set; modules to import before the script arrives (a warm jail).
+CONFIG = json.loads(sys.argv[1])
+CPU_SECONDS = CONFIG["cpu"]
+PRELOAD = CONFIG["preload"] or []
 
 
 def write_all(fd, data):
@@ -31,6 +36,10 @@ def write_all(fd, data):
 
 def init():
     import signal
+
+    # Before anything else runs in the jail, and so for every process it will have.
+    for name, limit in sorted((CONFIG["rlimits"] or {}).items()):
+        resource.setrlimit(getattr(resource, name), (limit["Soft"], limit["Hard"]))
 
     # As PID 1 we would ignore SIGINT only by kernel rule; make it explicit so no handler of Python's runs here.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -62,9 +71,7 @@ def run():
     # Everything the harness itself needs is imported before it reports ready, so a warm jail does none of it on
     # the script's time.
     import ctypes
-    import json
     import linecache
-    import resource
     import traceback
     import types
 

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/safe-py/safepy/internal/proctree"
 )
 
 // Each test here attacks one isolation property with a script that tries its best and reports what it got.
@@ -189,10 +191,14 @@ def main():
 	if fmt.Sprint(res["caps"]) != "[0000000000000000]" || fmt.Sprint(res["no_new_privs"]) != "[1]" {
 		t.Errorf("capabilities %v, no_new_privs %v", res["caps"], res["no_new_privs"])
 	}
-	// And outside: the jail's processes belong to nobody.
+	// And outside: the jail's processes are one uid of the runner's block, which owns nothing on the host
+	// (TestEachJailIsAUserOfItsOwn); only uid 1000 is mapped.
 	got, _ = mustRun(t, "def main():\n    return open('/proc/self/uid_map').read().split()\n")
-	if got != `["1000", "65534", "1"]` {
-		t.Errorf("uid map %s, want 1000 -> 65534 (nobody)", got)
+	var m []string
+	json.Unmarshal([]byte(got), &m)
+	if outside, _ := strconv.Atoi(m[1]); len(m) != 3 || m[0] != "1000" || m[2] != "1" || outside <= runner.uids.base ||
+		outside >= runner.uids.base+uidBlockSize {
+		t.Errorf("uid map %s, want 1000 -> one uid of the block from %d", got, runner.uids.base)
 	}
 }
 
@@ -266,18 +272,72 @@ func killed(status string) bool {
 	return false
 }
 
-// processesWith lists the host's processes whose command line contains s.
+// processesWith lists the live processes of this test's jails (this process's tree) whose command line
+// contains s.
 func processesWith(s string) []string {
 	var found []string
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		if _, err := strconv.Atoi(e.Name()); err != nil {
-			continue
-		}
-		cmd, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && strings.Contains(string(cmd), s) && e.Name() != strconv.Itoa(os.Getpid()) {
-			found = append(found, e.Name()+": "+strings.ReplaceAll(string(cmd), "\x00", " "))
-		}
+	for _, p := range proctree.Live(os.Getpid(), s) {
+		found = append(found, strconv.Itoa(p.PID)+": "+p.Cmdline)
 	}
 	return found
+}
+
+// /proc still has files about the whole machine. Those that show what neighbours do (the count of processes ever
+// started, the load, memory in use, interrupts, disk and pressure counters, open files) or identify the host (boot
+// id, uptime, command line) show fixed text; meminfo shows the jail's own memory limit.
+func TestProcShowsNothingOfTheNeighbours(t *testing.T) {
+	got, _ := mustRun(t, `import os
+def main():
+    def read(p):
+        try:
+            return open(p).read()
+        except OSError as e:
+            return type(e).__name__
+    stat = read("/proc/stat")
+    return {"processes": [l for l in stat.splitlines() if l.startswith("processes")],
+            "loadavg": read("/proc/loadavg"), "uptime": read("/proc/uptime"),
+            "boot_id": read("/proc/sys/kernel/random/boot_id"), "cmdline": read("/proc/cmdline"),
+            "memtotal": [l.split()[1] for l in read("/proc/meminfo").splitlines() if l.startswith("MemTotal")],
+            "file-nr": read("/proc/sys/fs/file-nr"), "vmstat": read("/proc/vmstat"),
+            "interrupts": read("/proc/interrupts"), "pressure": sorted(os.listdir("/proc/pressure")),
+            "cpu_count": os.cpu_count(), "self": read("/proc/self/status")[:5]}
+`)
+	var res struct {
+		Processes  []string `json:"processes"`
+		Loadavg    string   `json:"loadavg"`
+		Uptime     string   `json:"uptime"`
+		BootID     string   `json:"boot_id"`
+		Cmdline    string   `json:"cmdline"`
+		MemTotal   []string `json:"memtotal"`
+		FileNr     string   `json:"file-nr"`
+		Vmstat     string   `json:"vmstat"`
+		Interrupts string   `json:"interrupts"`
+		Pressure   []string `json:"pressure"`
+		CPUCount   int      `json:"cpu_count"`
+		Self       string   `json:"self"`
+	}
+	if err := json.Unmarshal([]byte(got), &res); err != nil {
+		t.Fatal(err)
+	}
+	hostBoot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	for name, v := range map[string]string{"processes": fmt.Sprint(res.Processes), "loadavg": res.Loadavg,
+		"uptime": res.Uptime, "boot_id": res.BootID, "cmdline": res.Cmdline, "file-nr": res.FileNr,
+		"vmstat": res.Vmstat, "interrupts": res.Interrupts, "pressure": fmt.Sprint(res.Pressure)} {
+		want := map[string]string{"processes": "[processes 0]", "loadavg": "0.00 0.00 0.00 1/1 1\n", "uptime": "0.00 0.00\n",
+			"boot_id": "00000000-0000-0000-0000-000000000000\n", "cmdline": "\n", "file-nr": "0\t0\t0\n",
+			"vmstat": "\n", "interrupts": "\n", "pressure": "[]"}[name]
+		if v != want {
+			t.Errorf("%s in the jail: %q, want the fixed %q", name, v, want)
+		}
+	}
+	if string(hostBoot) == res.BootID {
+		t.Error("the jail sees the host's boot id")
+	}
+	if fmt.Sprint(res.MemTotal) != fmt.Sprintf("[%d]", runner.Limits().MemoryBytes>>10) {
+		t.Errorf("MemTotal %v kB, want the jail's limit of %d bytes (nsjail.cfg's meminfo and cgroup_mem_max disagree)",
+			res.MemTotal, runner.Limits().MemoryBytes)
+	}
+	if res.CPUCount < 1 || res.Self != "Name:" {
+		t.Errorf("what a script needs of /proc broke: cpu_count %d, /proc/self/status %q", res.CPUCount, res.Self)
+	}
 }

@@ -19,6 +19,7 @@ type jail struct {
 	r          *Runner
 	cmd        *exec.Cmd
 	cg         *jailCgroup
+	uid        int // outside, this jail's alone until release
 	scriptW    *os.File
 	parentEnds []*os.File
 
@@ -35,9 +36,14 @@ type jail struct {
 
 // launch starts a jail whose harness imports the preload modules before it reports ready.
 func (r *Runner) launch(preload []string) (*jail, error) {
+	uid, err := r.uids.take()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
 	cg, err := r.cgroups.create(newID(), r.limits)
 	if err != nil {
-		return nil, fmt.Errorf("%w: creating the jail's cgroup: %v", ErrSandbox, err)
+		r.uids.give(uid)
+		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
 	}
 	// Descriptors as the jail sees them: 0 /dev/null, 1 stdout, 2 stderr, 3 script, 4 result, 5 nsjail's log.
 	var fds [10]*os.File
@@ -47,16 +53,15 @@ func (r *Runner) launch(preload []string) (*jail, error) {
 	stdoutR, stdoutW, stderrR, stderrW, scriptR, scriptW, resultR, resultW, logR, logW :=
 		fds[0], fds[1], fds[2], fds[3], fds[4], fds[5], fds[6], fds[7], fds[8], fds[9]
 	childEnds := []*os.File{stdoutW, stderrW, scriptR, resultW, logW}
-	j := &jail{r: r, cg: cg, scriptW: scriptW, parentEnds: []*os.File{stdoutR, stderrR, scriptW, resultR, logR},
+	j := &jail{r: r, cg: cg, uid: uid, scriptW: scriptW, parentEnds: []*os.File{stdoutR, stderrR, scriptW, resultR, logR},
 		started: make(chan struct{}), done: make(chan struct{})}
 	if err != nil {
 		closeFiles(fds[:])
-		cg.remove()
-		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+		j.release()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
-	args := append(append([]string{}, r.args...), preload...)
-	j.cmd = exec.Command(r.cfg.Nsjail, args...)
+	j.cmd = exec.Command(r.cfg.Nsjail, r.jailArgs(uid, preload)...)
 	j.cmd.Env = []string{}
 	j.cmd.Stdout, j.cmd.Stderr = stdoutW, stderrW
 	j.cmd.ExtraFiles = []*os.File{scriptR, resultW, logW}
@@ -67,9 +72,8 @@ func (r *Runner) launch(preload []string) (*jail, error) {
 	err = cg.start(j.cmd)
 	closeFiles(childEnds)
 	if err != nil {
-		closeFiles(j.parentEnds)
-		cg.remove()
-		return nil, fmt.Errorf("%w: starting nsjail: %v", ErrSandbox, err)
+		j.release()
+		return nil, fmt.Errorf("%w: starting nsjail: %w", ErrSandbox, err)
 	}
 	j.stdout = captureAsync(stdoutR, r.cfg.MaxStdoutBytes)
 	j.stderr = captureAsync(stderrR, 64<<10)
@@ -253,11 +257,16 @@ func (j *jail) outcome(obs observation, stdout []byte, truncated bool, stderr []
 	return out
 }
 
-// release closes the Go side's ends of the pipes and removes the cgroup, once nsjail has exited.
+// release closes the Go side's ends of the pipes and removes the cgroup, once nsjail has exited, and gives the
+// jail's uid back once none of its processes is left.
 func (j *jail) release() error {
 	j.cg.killAll()
 	closeFiles(j.parentEnds)
-	return j.cg.remove()
+	err := j.cg.remove()
+	if err == nil {
+		j.r.uids.give(j.uid)
+	} // else a process may be left: its uid is not given to another jail
+	return err
 }
 
 // discard destroys a jail that will serve no script.

@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	_ "embed"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -59,6 +60,9 @@ type Config struct {
 
 	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
 	StartupTimeout time.Duration // default 20 s
+
+	// UIDBase is where the range of outside uids for the jails starts (see uids.go). Default DefaultUIDBase.
+	UIDBase int
 }
 
 // Runner runs scripts. It is safe for concurrent use; the caller bounds the concurrency.
@@ -68,7 +72,9 @@ type Runner struct {
 	cgroups    *cgroups
 	cgroupErr  error
 	harnessDir string
-	args       []string       // nsjail's arguments, rendered once; a warm jail adds the modules to preload
+	uids       *uidPool
+	opts       []string       // nsjail's options, rendered once; each jail adds its uid
+	command    []string       // what nsjail runs; the harness's configuration is added per jail
 	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
 	cleanups   sync.WaitGroup // jails being destroyed in the background
 	running    atomic.Int64   // executions under way
@@ -108,6 +114,9 @@ func New(cfg Config) (*Runner, error) {
 	if cfg.Preload == nil {
 		cfg.Preload = []string{"numpy", "pandas"}
 	}
+	if cfg.UIDBase == 0 {
+		cfg.UIDBase = DefaultUIDBase
+	}
 	python := filepath.Join(cfg.RuntimeDir, "python")
 	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
 		if _, err := os.Stat(p); err != nil {
@@ -118,30 +127,38 @@ func New(cfg Config) (*Runner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
 	}
+	uids, err := claimUIDs(cfg.UIDBase)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
 	cg, cgErr := detectCgroups(cfg.Cgroup, limits, cfg.Nsjail, cfg.AllJailsMemory)
 	if cg == nil {
-		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %v", ErrSandbox, cfg.Cgroup, cgErr)
+		uids.close()
+		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %w", ErrSandbox, cfg.Cgroup, cgErr)
 	}
 
 	// The harness goes into a file of its own, which the jail mounts read-only.
-	dir, err := os.MkdirTemp("", "safepy-harness-")
+	dir, err := os.MkdirTemp("", fmt.Sprintf("safepy-%d-harness-", os.Getpid()))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+		uids.close()
+		cg.close()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 	harness := filepath.Join(dir, "harness.py")
-	if err := os.WriteFile(harness, harnessSource, 0o444); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	err = os.WriteFile(harness, harnessSource, 0o444)
+	if err == nil {
+		err = os.Chmod(dir, 0o755) // MkdirTemp makes 0700; the jail's user must be able to reach the file
 	}
-	// MkdirTemp makes 0700; the jail's user must be able to reach the file.
-	if err := os.Chmod(dir, 0o755); err != nil {
+	if err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+		uids.close()
+		cg.close()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
 	jailConfig, _ := filepath.Abs(cfg.JailConfig)
 	runtimePython, _ := filepath.Abs(python)
-	args := []string{
+	opts := []string{
 		"--config", jailConfig,
 		"--log_fd", "5", "--pass_fd", "3", "--pass_fd", "4",
 		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
@@ -157,14 +174,14 @@ func New(cfg Config) (*Runner, error) {
 		// Without cgroups memory is bounded by address space, which counts what libraries reserve but never use:
 		// numpy and pandas reserve some 150 MiB. The allowance keeps a pandas script's 200 MiB possible.
 		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
-		args = append(args, "--rlimit_as", strconv.FormatInt((limits.MemoryBytes+AddressSpaceAllowance)>>20, 10),
+		opts = append(opts, "--rlimit_as", strconv.FormatInt((limits.MemoryBytes+AddressSpaceAllowance)>>20, 10),
 			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
+		limits.Rlimits["RLIMIT_AS"] = Rlimit{uint64(limits.MemoryBytes + AddressSpaceAllowance), uint64(limits.MemoryBytes + AddressSpaceAllowance)}
+		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{uint64(limits.Processes + 1), uint64(limits.Processes + 1)}
 	}
-	args = append(args, "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py",
-		strconv.FormatInt(limits.CPUSeconds, 10))
 
-	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, args: args,
-		refilling: make(chan struct{}, 1)}
+	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids, opts: opts,
+		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
 	if r.cfg.Busy == nil {
 		cpus := int64(runtime.NumCPU())
 		r.cfg.Busy = func() bool { return r.running.Load() >= cpus }
@@ -217,7 +234,24 @@ func (r *Runner) Close() error {
 	}
 	r.inflight.Wait()
 	r.cleanups.Wait()
+	r.cgroups.close()
+	r.uids.close()
 	return os.RemoveAll(r.harnessDir)
+}
+
+// harnessConfig is what the harness is told on its command line.
+type harnessConfig struct {
+	CPUSeconds int64             `json:"cpu"`     // the script's CPU-time limit, counted from its arrival
+	Rlimits    map[string]Rlimit `json:"rlimits"` // the limits nsjail cannot set (pinnedRlimits)
+	Preload    []string          `json:"preload"` // modules to import before the script arrives
+}
+
+// jailArgs is nsjail's command line for a jail whose processes are uid outside, preloading preload.
+func (r *Runner) jailArgs(uid int, preload []string) []string {
+	hc, _ := json.Marshal(harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: preload})
+	args := append([]string{}, r.opts...)
+	args = append(args, "--user", fmt.Sprintf("%d:%d:1", jailUID, uid), "--")
+	return append(append(args, r.command...), string(hc))
 }
 
 // WarmJails is how many warm jails are ready now, in all pools, and how many the pools keep.
@@ -230,9 +264,14 @@ func (r *Runner) WarmJails() (ready, size int) {
 }
 
 // ColdCommand is the nsjail command line of a cold jail, as Run uses it: for measuring the floor under the service
-// (cmd/bench). Descriptors 3, 4 and 5 must be the script, the result channel and nsjail's log.
-func (r *Runner) ColdCommand() (path string, args []string) {
-	return r.cfg.Nsjail, append([]string{}, r.args...)
+// (cmd/bench). Descriptors 3, 4 and 5 must be the script, the result channel and nsjail's log. Every jail started
+// with it is the same uid outside, which the runner keeps for it until Close.
+func (r *Runner) ColdCommand() (path string, args []string, err error) {
+	uid, err := r.uids.take()
+	if err != nil {
+		return "", nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	return r.cfg.Nsjail, r.jailArgs(uid, nil), nil
 }
 
 // Run executes script in a fresh jail and returns its outcome. The jail is a warm one from a pool when one is
@@ -315,18 +354,24 @@ func hint(nsjailLog []byte) string {
 	return ""
 }
 
-// firstLines returns the first n lines of b that are not nsjail's informational messages: the first error is the
-// cause, what follows are its consequences.
+// firstLines returns the first n of nsjail's errors (or, if it logged none, its warnings): the first error is the
+// cause, what follows are its consequences, and its informational lines say nothing of either.
 func firstLines(b []byte, n int) string {
-	var keep []string
+	var errs, warnings []string
 	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		if strings.HasPrefix(l, "[I]") || strings.HasPrefix(l, "[D]") {
-			continue
+		switch {
+		case strings.HasPrefix(l, "[I]") || strings.HasPrefix(l, "[D]"):
+		case strings.HasPrefix(l, "[W]"):
+			warnings = append(warnings, l)
+		default:
+			errs = append(errs, l)
 		}
-		keep = append(keep, l)
 	}
-	if len(keep) > n {
-		keep = keep[:n]
+	if len(errs) == 0 {
+		errs = warnings
 	}
-	return strings.Join(keep, " | ")
+	if len(errs) > n {
+		errs = errs[:n]
+	}
+	return strings.Join(errs, " | ")
 }

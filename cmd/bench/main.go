@@ -85,14 +85,16 @@ func run(n int, pace time.Duration, svgPath string) error {
 			if err != nil {
 				return err
 			}
-			path, args := r.ColdCommand()
+			path, args, err := r.ColdCommand()
+			if err != nil {
+				return err
+			}
 			runners[target] = runner{func(script []byte) error { return floor(path, args, script) }, func() {}, func() { r.Close() }}
 		default:
 			c := cfg
 			if target == "service cold" {
 				c.Sandbox.PoolSize = 0
 			}
-			c.Queue = 16 // nothing is refused at concurrency 4: this measures speed, not admission
 			svc, err := safepy.NewService(c, quiet)
 			if err != nil {
 				return err

@@ -22,10 +22,9 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/net/netutil"
-
 	"github.com/safe-py/safepy"
 	"github.com/safe-py/safepy/cloudlog"
+	"github.com/safe-py/safepy/connlimit"
 )
 
 func main() {
@@ -66,26 +65,31 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	// Connections beyond what the service can hold would only buffer request bodies for a 503.
-	ln = netutil.LimitListener(ln, 4*svc.Capacity()+16)
+	// A cap on open connections that idle and slow clients cannot fill: at the cap, a new connection closes the
+	// oldest one that is not serving a request.
+	conns := connlimit.New(cfg.MaxConns)
 
 	// Executions run under this context: cancelling it kills every jail still running.
 	execCtx, killJails := context.WithCancel(context.Background())
 	defer killJails()
 	srv := &http.Server{
-		Handler:           http.HandlerFunc(safepy.Execute),
-		BaseContext:       func(net.Listener) context.Context { return execCtx },
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler:     conns.Handler(http.HandlerFunc(safepy.Execute)),
+		BaseContext: func(net.Listener) context.Context { return execCtx },
+		ConnContext: conns.ConnContext,
+		ConnState:   conns.ConnState,
+		// A client has a few seconds for its header; the body and the answer are bounded by what the service
+		// does (the wait for a slot plus a turn); an idle keep-alive connection is closed after a while.
+		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      60 * time.Second,
-		IdleTimeout:       120 * time.Second,
+		IdleTimeout:       30 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 	}
 	stop, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer cancel()
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	slog.Info("serving", "port", port, "function", safepy.FunctionName)
+	go func() { errc <- srv.Serve(conns.Listener(ln)) }()
+	slog.Info("serving", "port", port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
 
 	select {
 	case err := <-errc:

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/safe-py/safepy/internal/proctree"
 )
 
 // These tests build the real binary and run it as Cloud Run would: a process with a port, logs on stdout, and
@@ -28,6 +30,11 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "safe-py")
+	// What a server leaves behind when it exits is adopted by this process, so it is still counted as the
+	// server's (see jailProcesses).
+	if err := proctree.BecomeSubreaper(); err != nil {
+		panic(err)
+	}
 	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building the server: %v\n%s", err, out)
 		os.Exit(1)
@@ -288,7 +295,7 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 		t.Fatalf("exit %d", code)
 	}
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
-	waitFor(t, func() bool { return jailProcesses() == 0 })
+	waitFor(t, func() bool { return jailProcesses(s) == 0 })
 }
 
 // An execution that outlives the grace period is killed, and the server still exits 0 with nothing left behind.
@@ -308,7 +315,7 @@ func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	}
 	<-got
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
-	waitFor(t, func() bool { return jailProcesses() == 0 })
+	waitFor(t, func() bool { return jailProcesses(s) == 0 })
 	if len(s.entries("grace period over: killing the jails still running")) != 1 {
 		t.Fatalf("logs:\n%s", strings.Join(s.lines(), "\n"))
 	}
@@ -320,25 +327,19 @@ func marked(token, body string) string {
 	return fmt.Sprintf("import subprocess, time\ndef main():\n    subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(60)', %q])\n    %s\n", token, body)
 }
 
-// processesWith counts the host's processes whose command line contains s.
-func processesWith(s string) int {
-	n := 0
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		if cmd, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline")); err == nil && strings.Contains(string(cmd), s) {
-			n++
-		}
-	}
-	return n
-}
+// processesWith counts the processes started by this test's servers whose command line contains s.
+func processesWith(s string) int { return len(proctree.Live(os.Getpid(), s)) }
 
-// jailProcesses counts the host's processes running as nobody: the jails' processes.
-func jailProcesses() int {
+// jailProcesses counts what is left of the servers this test started: every live process in this test's tree
+// (the servers' own, and whatever they left behind, which this process adopts), less the servers themselves.
+func jailProcesses(servers ...*server) int {
 	n := 0
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		if status, err := os.ReadFile(filepath.Join("/proc", p.Name(), "status")); err == nil &&
-			strings.Contains(string(status), "\nUid:\t65534\t") {
+	for _, p := range proctree.Live(os.Getpid(), "") {
+		own := false
+		for _, s := range servers {
+			own = own || p.PID == s.cmd.Process.Pid
+		}
+		if !own {
 			n++
 		}
 	}
@@ -351,5 +352,58 @@ func waitFor(t *testing.T, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatal("gave up waiting")
 		}
+	}
+}
+
+// Idle keep-alive clients and clients that send half a header and stop must not starve new ones: with 200 of the
+// first and 100 of the second held open, a new client's health check and a trivial execution each answer promptly.
+func TestIdleAndSlowClientsDoNotStarveNewOnes(t *testing.T) {
+	s := start(t, nil, "SAFEPY_MAX_CONNS=256") // below what is held, so that making room is exercised too
+	s.waitHealthy(t)
+	addr := strings.TrimPrefix(s.url, "http://")
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 200; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+		fmt.Fprint(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("idle client %d: %v", i, err)
+		}
+		io.ReadAll(resp.Body)
+	}
+	for i := 0; i < 100; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+		fmt.Fprint(c, "POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+	}
+	// The bound is the issue's: a new client must not wait behind them. It is far above what either takes on an
+	// idle machine (milliseconds for the health check, tens for the execution).
+	client := &http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get(s.url + "/health")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("health check next to 300 idle and slow connections: %v", err)
+	}
+	resp.Body.Close()
+	body, _ := json.Marshal(map[string]string{"script": "def main():\n    return 1\n"})
+	resp, err = client.Post(s.url+"/execute", "application/json", strings.NewReader(string(body)))
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("execution next to 300 idle and slow connections: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != `{"result":1,"stdout":""}`+"\n" {
+		t.Fatalf("answer %s", b)
 	}
 }

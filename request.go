@@ -1,0 +1,237 @@
+package safepy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+	"unicode/utf8"
+)
+
+// maxDiscard bounds what the server reads and throws away of a body over its cap, so that a client that writes
+// its whole body before it reads (many do) sees the 413 instead of a broken pipe. Past it, the connection is
+// closed without reading on: the bound keeps a client from making the server read forever.
+const maxDiscard = 16 << 20
+
+// executeRequest is a decoded, validated body of POST /execute.
+type executeRequest struct {
+	Script []byte
+}
+
+// decodeRequest reads a request body strictly: valid UTF-8, one JSON object with no duplicate keys and no lone
+// surrogate escapes (which a decoder would silently replace), whose only field is a non-empty string "script".
+// The script that runs is exactly the one that was sent, or nothing runs.
+func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript int) (executeRequest, int, *apiError) {
+	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
+		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
+	}
+	tooLarge := func() (executeRequest, int, *apiError) {
+		w.Header().Set("Connection", "close")
+		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
+	}
+	if r.ContentLength > maxBody {
+		// A client that asked before sending gets its answer without sending; one that sends anyway is read
+		// (within a bound) so that it can read the answer.
+		if r.Header.Get("Expect") != "100-continue" && r.ContentLength <= maxBody+maxDiscard {
+			discard(w, r.Body, r.ContentLength)
+		}
+		return tooLarge()
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		return invalid(http.StatusBadRequest, "could not read the request body")
+	}
+	if int64(len(body)) > maxBody {
+		discard(w, r.Body, maxDiscard)
+		return tooLarge()
+	}
+	if !utf8.Valid(body) {
+		return invalid(http.StatusBadRequest, "request body is not valid UTF-8 (at byte %d)", invalidUTF8At(body))
+	}
+	if start := bytes.TrimLeft(body, " \t\r\n"); len(start) == 0 || start[0] != '{' {
+		return invalid(http.StatusBadRequest, "request body must be a JSON object")
+	}
+	if err := checkJSON(body); err != nil {
+		return invalid(http.StatusBadRequest, "%s", err.Error())
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
+		return invalid(http.StatusBadRequest, "request body must be a JSON object")
+	}
+	for name := range fields {
+		if name != "script" {
+			return invalid(http.StatusBadRequest, "unknown field %q; the only field is 'script'", name)
+		}
+	}
+	raw, ok := fields["script"]
+	if !ok {
+		return invalid(http.StatusBadRequest, "missing 'script' field")
+	}
+	var script string
+	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &script) != nil {
+		return invalid(http.StatusBadRequest, "'script' must be a string")
+	}
+	if script == "" {
+		return invalid(http.StatusBadRequest, "'script' must not be empty")
+	}
+	if len(script) > maxScript {
+		return invalid(http.StatusRequestEntityTooLarge, "'script' is over the limit of %d bytes of UTF-8", maxScript)
+	}
+	return executeRequest{Script: []byte(script)}, 0, nil
+}
+
+// discard reads and drops up to n bytes of body, for at most a few seconds.
+func discard(w http.ResponseWriter, body io.Reader, n int64) {
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _ = io.CopyN(io.Discard, body, n)
+}
+
+func invalidUTF8At(b []byte) int {
+	for i := 0; i < len(b); {
+		r, size := utf8.DecodeRune(b[i:])
+		if r == utf8.RuneError && size == 1 {
+			return i
+		}
+		i += size
+	}
+	return -1
+}
+
+// checkJSON accepts exactly one JSON object whose objects, at every depth, have no duplicate keys, and whose
+// strings escape no lone surrogate. Errors are written for the client.
+func checkJSON(body []byte) error {
+	if err := checkSurrogates(body); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	type frame struct {
+		object  bool
+		keys    map[string]bool
+		wantKey bool
+	}
+	var stack []*frame
+	first := true
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF && len(stack) > 0 {
+			return errors.New("request body is not valid JSON: it ends before the object does")
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			var syntax *json.SyntaxError
+			if errors.As(err, &syntax) {
+				return fmt.Errorf("request body is not valid JSON: %s (at byte %d)", syntax.Error(), syntax.Offset)
+			}
+			return fmt.Errorf("request body is not valid JSON: %s", err.Error())
+		}
+		if first {
+			if d, ok := tok.(json.Delim); !ok || d != '{' {
+				return errors.New("request body must be a JSON object")
+			}
+			first = false
+		} else if len(stack) == 0 {
+			return errors.New("request body must be a single JSON object")
+		}
+		top := (*frame)(nil)
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		if top != nil && top.object && top.wantKey {
+			if d, ok := tok.(json.Delim); ok && d == '}' {
+				stack = stack[:len(stack)-1]
+				continue
+			}
+			key := tok.(string)
+			if top.keys[key] {
+				return fmt.Errorf("request body has a duplicate key %s", strconv.Quote(key))
+			}
+			top.keys[key] = true
+			top.wantKey = false
+			continue
+		}
+		if top != nil && top.object {
+			top.wantKey = true // this token is the value (or opens it)
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &frame{object: true, keys: map[string]bool{}, wantKey: true})
+		case json.Delim('['):
+			stack = append(stack, &frame{})
+		case json.Delim(']'):
+			stack = stack[:len(stack)-1]
+		}
+	}
+	if first {
+		return errors.New("request body must be a JSON object")
+	}
+	return nil
+}
+
+// checkSurrogates finds \uXXXX escapes of UTF-16 surrogates that do not form a pair: they name no character, and
+// a decoder would replace them with U+FFFD, running a script other than the one sent.
+func checkSurrogates(body []byte) error {
+	inString := false
+	pendingHigh := false // the last escape was a high surrogate, which must be followed by a low one
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		if !inString {
+			if c == '"' {
+				inString = true
+			}
+			continue
+		}
+		if c == '"' {
+			if pendingHigh {
+				return surrogateError(i)
+			}
+			inString = false
+			continue
+		}
+		if c != '\\' || i+1 >= len(body) {
+			if pendingHigh {
+				return surrogateError(i)
+			}
+			continue
+		}
+		i++
+		if body[i] != 'u' || i+4 >= len(body) {
+			if pendingHigh {
+				return surrogateError(i)
+			}
+			continue
+		}
+		v, err := strconv.ParseUint(string(body[i+1:i+5]), 16, 16)
+		if err != nil {
+			continue // not valid JSON; the decoder says so
+		}
+		i += 4
+		switch {
+		case v >= 0xD800 && v < 0xDC00:
+			if pendingHigh {
+				return surrogateError(i)
+			}
+			pendingHigh = true
+		case v >= 0xDC00 && v < 0xE000:
+			if !pendingHigh {
+				return surrogateError(i)
+			}
+			pendingHigh = false
+		default:
+			if pendingHigh {
+				return surrogateError(i)
+			}
+		}
+	}
+	return nil
+}
+
+func surrogateError(at int) error {
+	return fmt.Errorf("request body is not valid Unicode: an unpaired surrogate escape near byte %d", at)
+}
