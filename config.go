@@ -62,6 +62,19 @@ func ConfigFromEnv() (Config, error) {
 		}
 		return d
 	}
+	onOff := func(name string, def bool) bool {
+		switch v := os.Getenv(name); v {
+		case "":
+			return def
+		case "on", "true", "1":
+			return true
+		case "off", "false", "0":
+			return false
+		default:
+			errs = append(errs, fmt.Errorf("%s must be on or off, not %q", name, v))
+			return def
+		}
+	}
 	// For these, 0 is a setting (none), and unset means a default derived from the machine.
 	orDerived := func(name string) int {
 		switch v := os.Getenv(name); v {
@@ -81,15 +94,18 @@ func ConfigFromEnv() (Config, error) {
 		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 0),
 		ProjectID:      os.Getenv("GOOGLE_CLOUD_PROJECT"),
 		Sandbox: sandbox.Config{
-			RuntimeDir:     runtimeDir,
-			Nsjail:         str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),
-			JailConfig:     str("SAFEPY_NSJAIL_CONFIG", "nsjail.cfg"),
-			Cgroup:         str("SAFEPY_CGROUP", "auto"),
-			MaxStdoutBytes: num("SAFEPY_MAX_STDOUT_BYTES", 1<<20),
-			MaxResultBytes: num("SAFEPY_MAX_RESULT_BYTES", 1<<20),
-			PoolSize:       orDerived("SAFEPY_POOL_SIZE"),
-			PoolMaxAge:     duration("SAFEPY_POOL_MAX_AGE", 5*time.Minute),
-			UIDBase:        num("SAFEPY_UID_BASE", sandbox.DefaultUIDBase),
+			RuntimeDir:      runtimeDir,
+			Nsjail:          str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),
+			JailConfig:      str("SAFEPY_NSJAIL_CONFIG", "nsjail.cfg"),
+			Cgroup:          str("SAFEPY_CGROUP", "auto"),
+			MaxStdoutBytes:  num("SAFEPY_MAX_STDOUT_BYTES", 1<<20),
+			MaxResultBytes:  num("SAFEPY_MAX_RESULT_BYTES", 1<<20),
+			PoolSize:        orDerived("SAFEPY_POOL_SIZE"),
+			PoolMaxAge:      duration("SAFEPY_POOL_MAX_AGE", 5*time.Minute),
+			UIDBase:         num("SAFEPY_UID_BASE", sandbox.DefaultUIDBase),
+			ForkServers:     onOff("SAFEPY_FORK_SERVERS", true),
+			ForkServerAge:   duration("SAFEPY_FORK_SERVER_MAX_AGE", 10*time.Minute),
+			ForkServerForks: int64(num("SAFEPY_FORK_SERVER_MAX_FORKS", 1000)),
 		},
 	}
 	if len(errs) > 0 {

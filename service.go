@@ -76,9 +76,12 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 		return nil, err
 	}
 	info := runner.Info()
-	attrs := []any{"cgroup_mode", info.CgroupMode, "versions", info.Versions, "wall", info.Limits.Wall.String(),
+	attrs := []any{"cgroup_mode", info.CgroupMode, "jails", info.Path, "versions", info.Versions, "wall", info.Limits.Wall.String(),
 		"memory_bytes", info.Limits.MemoryBytes, "processes", info.Limits.Processes,
 		"slots", cfg.Slots, "max_queue", gate.MaxQueue(), "queue_wait", cfg.QueueWait.String(), "pool", cfg.Sandbox.PoolSize}
+	if info.PathNote != "" {
+		attrs = append(attrs, "jails_note", info.PathNote)
+	}
 	if info.CgroupMode == sandbox.CgroupNone {
 		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
 			append(attrs, "reason", info.CgroupNote)...)
@@ -186,7 +189,8 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	}
 	out, err := s.runner.Run(r.Context(), script)
 	release()
-	entry = append(entry, slog.Bool("warm", out.Warm), slog.Int64("jail_base_bytes", out.BaseMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
+	entry = append(entry, slog.Bool("warm", out.Warm), slog.Bool("forked", out.Forked), slog.Int64("jail_base_bytes", out.BaseMemory),
+		slog.Int64("jail_peak_bytes", out.PeakMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
 		slog.Float64("total_ms", ms(time.Since(begin))))
 
 	var se *sandbox.ScriptError

@@ -424,6 +424,38 @@ func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
 	return nil
 }
 
+// procsFiles opens the cgroup's cgroup.procs files for writing, one per hierarchy: a process that is handed them
+// can move itself in (the kernel checks the credentials of whoever opened the file, here root).
+func (j *jailCgroup) procsFiles() ([]*os.File, error) {
+	var out []*os.File
+	for _, dir := range j.dirs {
+		f, err := os.OpenFile(filepath.Join(dir, "cgroup.procs"), os.O_WRONLY, 0)
+		if err != nil {
+			closeFiles(out)
+			return nil, err
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// memoryPeak is the most the cgroup has held.
+func (j *jailCgroup) memoryPeak() int64 {
+	if j == nil {
+		return 0
+	}
+	peakFile := filepath.Join(j.dirs[""], "memory.peak")
+	if j.mode == CgroupV1 {
+		peakFile = filepath.Join(j.dirs["memory"], "memory.max_usage_in_bytes")
+	}
+	data, err := os.ReadFile(peakFile)
+	if err != nil {
+		return 0
+	}
+	peak, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	return peak
+}
+
 // memoryUsage is what the cgroup holds now.
 func (j *jailCgroup) memoryUsage() int64 {
 	if j == nil {

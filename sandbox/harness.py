@@ -1,5 +1,6 @@
-# The harness: the first and only program the jail starts. It is embedded in the Go binary, which writes it to a
-# private file at start-up; the jail mounts that one file read-only at /safepy/harness.py.
+# The harness: the first and only program a cold jail starts, and what a fork server's child becomes once it has
+# built its jail (forkserver.py). It is embedded in the Go binary, which writes it to a private file at start-up;
+# the jail mounts that one file read-only at /safepy/harness.py.
 #
 # Channels (file descriptors set up by the Go side and passed through nsjail):
 #   3  the script's source; read to EOF, then closed.
@@ -21,11 +22,6 @@ import resource
 import sys
 
 SCRIPT_FD, RESULT_FD = 3, 4
-# The Go side's harnessConfig (sandbox.go): the script's CPU-time limit, per process, counted from its arrival; the
-# resource limits nsjail cannot set; modules to import before the script arrives (a warm jail).
-CONFIG = json.loads(sys.argv[1])
-CPU_SECONDS = CONFIG["cpu"]
-PRELOAD = CONFIG["preload"] or []
 
 
 def write_all(fd, data):
@@ -34,12 +30,22 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def init():
+def set_rlimits(rlimits):
+    def value(v):
+        return resource.RLIM_INFINITY if v >= 1 << 63 else v  # the Go side's Infinity
+
+    for name, limit in sorted((rlimits or {}).items()):
+        resource.setrlimit(getattr(resource, name), (value(limit["Soft"]), value(limit["Hard"])))
+
+
+def init(config):
+    """Be the jail's PID 1. config is the Go side's harnessConfig (sandbox.go): the script's CPU-time limit, per
+    process, counted from its arrival; the resource limits nsjail cannot set; modules to import before the script
+    arrives (a warm jail)."""
     import signal
 
     # Before anything else runs in the jail, and so for every process it will have.
-    for name, limit in sorted((CONFIG["rlimits"] or {}).items()):
-        resource.setrlimit(getattr(resource, name), (limit["Soft"], limit["Hard"]))
+    set_rlimits(config["rlimits"])
 
     # As PID 1 we would ignore SIGINT only by kernel rule; make it explicit so no handler of Python's runs here.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -49,8 +55,7 @@ def init():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        run()  # ends the process itself; SystemExit and the like end it the way Python always does
-        os._exit(70)
+        exit_as_the_interpreter_would(lambda: run(config["cpu"], config["preload"] or []))
     os.close(SCRIPT_FD)
     os.close(RESULT_FD)
     while True:
@@ -65,7 +70,55 @@ def init():
             os._exit(128 - code if code < 0 else min(code, 127))
 
 
-def run():
+def exit_as_the_interpreter_would(main):
+    """Run main and end the process as CPython ends one whose top-level code raised or returned: SystemExit's code
+    (printed, and 1, if it is not a number), a traceback and 1 for any other exception, SIGINT for an uncaught
+    KeyboardInterrupt; non-daemon threads joined, atexit handlers run, stdio flushed. A forked process must do this
+    itself (the interpreter's own exit is the fork server's), and a cold jail does the same so that the two paths
+    cannot differ."""
+    import signal
+    import traceback
+
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            try:
+                print(code, file=sys.stderr)
+            except Exception:
+                pass
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    if code == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def run(cpu_seconds, preload):
     # Keep the result channel away from anything the script starts.
     os.set_inheritable(RESULT_FD, False)
     # Everything the harness itself needs is imported before it reports ready, so a warm jail does none of it on
@@ -75,7 +128,7 @@ def run():
     import traceback
     import types
 
-    for name in PRELOAD:
+    for name in preload:
         __import__(name)
     write_all(RESULT_FD, b"S")
 
@@ -92,7 +145,7 @@ def run():
     # preloading is not the script's. RLIMIT_CPU is whole seconds; the hard limit kills one second after SIGXCPU.
     # (Memory is not reset: the jail's limit is its total, preloaded modules included, warm or cold alike.)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = int(usage.ru_utime + usage.ru_stime + CPU_SECONDS + 0.999)
+    cpu = int(usage.ru_utime + usage.ru_stime + cpu_seconds + 0.999)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
     filename = "/sandbox/script.py"
@@ -174,4 +227,5 @@ def run():
     finish(b"R", data)
 
 
-init()
+if __name__ == "__main__":
+    init(json.loads(sys.argv[1]))

@@ -17,20 +17,21 @@ import (
 // Each test here attacks one isolation property with a script that tries its best and reports what it got.
 
 func TestNoNetworkNotEvenLoopback(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan struct{}, 1)
-	go func() {
-		if c, err := ln.Accept(); err == nil {
-			c.Close()
-			accepted <- struct{}{}
+	onBothPaths(t, func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
-	port := ln.Addr().(*net.TCPAddr).Port
-	script := fmt.Sprintf(`import socket, fcntl, struct
+		defer ln.Close()
+		accepted := make(chan struct{}, 1)
+		go func() {
+			if c, err := ln.Accept(); err == nil {
+				c.Close()
+				accepted <- struct{}{}
+			}
+		}()
+		port := ln.Addr().(*net.TCPAddr).Port
+		script := fmt.Sprintf(`import socket, fcntl, struct
 def main():
     out = {}
     for host in ("127.0.0.1", "::1", "localhost"):
@@ -45,42 +46,44 @@ def main():
     out["interfaces"] = [name for _, name in socket.if_nameindex()]
     return out
 `, port)
-	got, _ := mustRun(t, script)
-	var res map[string]any
-	if err := json.Unmarshal([]byte(got), &res); err != nil {
-		t.Fatal(err)
-	}
-	for _, host := range []string{"127.0.0.1", "::1", "localhost"} {
-		if res[host] == "connected" {
-			t.Errorf("the jail connected to %s", host)
+		got, _ := mustRun(t, script)
+		var res map[string]any
+		if err := json.Unmarshal([]byte(got), &res); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if res["lo_up"] != false {
-		t.Errorf("loopback is up in the jail: %v", res)
-	}
-	if ifs := fmt.Sprint(res["interfaces"]); ifs != "[lo]" {
-		t.Errorf("interfaces %s, want only the (down) loopback", ifs)
-	}
-	select {
-	case <-accepted:
-		t.Fatal("the server on the host's loopback accepted a connection from the jail")
-	case <-time.After(100 * time.Millisecond):
-	}
+		for _, host := range []string{"127.0.0.1", "::1", "localhost"} {
+			if res[host] == "connected" {
+				t.Errorf("the jail connected to %s", host)
+			}
+		}
+		if res["lo_up"] != false {
+			t.Errorf("loopback is up in the jail: %v", res)
+		}
+		if ifs := fmt.Sprint(res["interfaces"]); ifs != "[lo]" {
+			t.Errorf("interfaces %s, want only the (down) loopback", ifs)
+		}
+		select {
+		case <-accepted:
+			t.Fatal("the server on the host's loopback accepted a connection from the jail")
+		case <-time.After(100 * time.Millisecond):
+		}
+	})
 }
 
 func TestHostFilesAreInvisible(t *testing.T) {
-	secretDir := t.TempDir()
-	os.Chmod(secretDir, 0o755)
-	secret := filepath.Join(secretDir, "secret.txt")
-	if err := os.WriteFile(secret, []byte("hunter2"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	repoFile, _ := filepath.Abs("../go.mod")
-	home, _ := os.UserHomeDir()
-	paths := []string{secret, repoFile, "/etc/passwd", "/etc/shadow", "/etc/hostname", filepath.Join(home, ".bashrc"),
-		"/root", "/home", "/var/run/secrets", "/sys/class/net", "/usr/bin/python3", "/usr/share"}
-	quoted, _ := json.Marshal(paths)
-	got, _ := mustRun(t, fmt.Sprintf(`import os
+	onBothPaths(t, func(t *testing.T) {
+		secretDir := t.TempDir()
+		os.Chmod(secretDir, 0o755)
+		secret := filepath.Join(secretDir, "secret.txt")
+		if err := os.WriteFile(secret, []byte("hunter2"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		repoFile, _ := filepath.Abs("../go.mod")
+		home, _ := os.UserHomeDir()
+		paths := []string{secret, repoFile, "/etc/passwd", "/etc/shadow", "/etc/hostname", filepath.Join(home, ".bashrc"),
+			"/root", "/home", "/var/run/secrets", "/sys/class/net", "/usr/bin/python3", "/usr/share"}
+		quoted, _ := json.Marshal(paths)
+		got, _ := mustRun(t, fmt.Sprintf(`import os
 def main():
     out = {}
     for p in %s:
@@ -92,26 +95,28 @@ def main():
     out["/usr"] = sorted(os.listdir("/usr"))
     return out
 `, quoted))
-	var res map[string]any
-	if err := json.Unmarshal([]byte(got), &res); err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range paths {
-		if res[p] != "absent" {
-			t.Errorf("%s is visible in the jail: %v", p, res[p])
+		var res map[string]any
+		if err := json.Unmarshal([]byte(got), &res); err != nil {
+			t.Fatal(err)
 		}
-	}
-	if got := fmt.Sprint(res["/"]); got != "[bin dev lib lib64 proc safepy sandbox tmp usr]" {
-		t.Errorf("jail root holds %s", got)
-	}
-	if got := fmt.Sprint(res["/usr"]); got != "[lib lib64 local]" {
-		t.Errorf("jail /usr holds %s", got)
-	}
+		for _, p := range paths {
+			if res[p] != "absent" {
+				t.Errorf("%s is visible in the jail: %v", p, res[p])
+			}
+		}
+		if got := fmt.Sprint(res["/"]); got != "[bin dev lib lib64 proc safepy sandbox tmp usr]" {
+			t.Errorf("jail root holds %s", got)
+		}
+		if got := fmt.Sprint(res["/usr"]); got != "[lib lib64 local]" {
+			t.Errorf("jail /usr holds %s", got)
+		}
+	})
 }
 
 func TestServerEnvironmentIsInvisible(t *testing.T) {
-	t.Setenv("SAFEPY_TEST_SECRET", "hunter2-env")
-	got, _ := mustRun(t, `import os
+	onBothPaths(t, func(t *testing.T) {
+		t.Setenv("SAFEPY_TEST_SECRET", "hunter2-env")
+		got, _ := mustRun(t, `import os
 def main():
     seen = dict(os.environ)
     for path in ("/proc/self/environ", "/proc/1/environ"):
@@ -121,25 +126,27 @@ def main():
             seen[path] = type(e).__name__
     return seen
 `)
-	if strings.Contains(got, "hunter2-env") {
-		t.Fatalf("the server's environment reached the jail: %s", got)
-	}
-	var env map[string]string
-	json.Unmarshal([]byte(got), &env)
-	want := []string{"HOME", "LANG", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "MPLCONFIGDIR", "NUMEXPR_NUM_THREADS",
-		"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH"}
-	for _, k := range want {
-		if _, ok := env[k]; !ok {
-			t.Errorf("missing %s", k)
+		if strings.Contains(got, "hunter2-env") {
+			t.Fatalf("the server's environment reached the jail: %s", got)
 		}
-	}
-	if n := len(env) - 2; n != len(want) {
-		t.Errorf("the jail's environment has %d variables, want exactly %v: %v", n, want, env)
-	}
+		var env map[string]string
+		json.Unmarshal([]byte(got), &env)
+		want := []string{"HOME", "LANG", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "MPLCONFIGDIR", "NUMEXPR_NUM_THREADS",
+			"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH"}
+		for _, k := range want {
+			if _, ok := env[k]; !ok {
+				t.Errorf("missing %s", k)
+			}
+		}
+		if n := len(env) - 2; n != len(want) {
+			t.Errorf("the jail's environment has %d variables, want exactly %v: %v", n, want, env)
+		}
+	})
 }
 
 func TestReadOnlyOutsideSandboxAndTmp(t *testing.T) {
-	got, _ := mustRun(t, `import os
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import os
 def main():
     out = {}
     for p in ("/x", "/usr/local/evil.py", "/usr/local/lib/python3.11/os.py", "/usr/lib/x86_64-linux-gnu/x",
@@ -152,18 +159,20 @@ def main():
             out[p] = type(e).__name__
     return out
 `)
-	var res map[string]string
-	json.Unmarshal([]byte(got), &res)
-	for p, v := range res {
-		writable := p == "/sandbox/ok" || p == "/tmp/ok" || p == "/dev/shm/ok"
-		if (v == "written") != writable {
-			t.Errorf("%s: %s", p, v)
+		var res map[string]string
+		json.Unmarshal([]byte(got), &res)
+		for p, v := range res {
+			writable := p == "/sandbox/ok" || p == "/tmp/ok" || p == "/dev/shm/ok"
+			if (v == "written") != writable {
+				t.Errorf("%s: %s", p, v)
+			}
 		}
-	}
+	})
 }
 
 func TestNoPrivilege(t *testing.T) {
-	got, _ := mustRun(t, `import os
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import os
 def main():
     out = {"uid": os.getuid(), "gid": os.getgid(), "euid": os.geteuid()}
     for name, call in (("setuid0", lambda: os.setuid(0)), ("setgid0", lambda: os.setgid(0)),
@@ -178,51 +187,54 @@ def main():
     out["no_new_privs"] = [l.split()[1] for l in status.splitlines() if l.startswith("NoNewPrivs")]
     return out
 `)
-	var res map[string]any
-	json.Unmarshal([]byte(got), &res)
-	if res["uid"] != 1000.0 || res["gid"] != 1000.0 || res["euid"] != 1000.0 {
-		t.Errorf("ids: %v", res)
-	}
-	for _, k := range []string{"setuid0", "setgid0", "chroot", "chown"} {
-		if res[k] == "allowed" {
-			t.Errorf("%s was allowed", k)
+		var res map[string]any
+		json.Unmarshal([]byte(got), &res)
+		if res["uid"] != 1000.0 || res["gid"] != 1000.0 || res["euid"] != 1000.0 {
+			t.Errorf("ids: %v", res)
 		}
-	}
-	if fmt.Sprint(res["caps"]) != "[0000000000000000]" || fmt.Sprint(res["no_new_privs"]) != "[1]" {
-		t.Errorf("capabilities %v, no_new_privs %v", res["caps"], res["no_new_privs"])
-	}
-	// And outside: the jail's processes are one uid of the runner's block, which owns nothing on the host
-	// (TestEachJailIsAUserOfItsOwn); only uid 1000 is mapped.
-	got, _ = mustRun(t, "def main():\n    return open('/proc/self/uid_map').read().split()\n")
-	var m []string
-	json.Unmarshal([]byte(got), &m)
-	if outside, _ := strconv.Atoi(m[1]); len(m) != 3 || m[0] != "1000" || m[2] != "1" || outside <= runner.uids.base ||
-		outside >= runner.uids.base+uidBlockSize {
-		t.Errorf("uid map %s, want 1000 -> one uid of the block from %d", got, runner.uids.base)
-	}
+		for _, k := range []string{"setuid0", "setgid0", "chroot", "chown"} {
+			if res[k] == "allowed" {
+				t.Errorf("%s was allowed", k)
+			}
+		}
+		if fmt.Sprint(res["caps"]) != "[0000000000000000]" || fmt.Sprint(res["no_new_privs"]) != "[1]" {
+			t.Errorf("capabilities %v, no_new_privs %v", res["caps"], res["no_new_privs"])
+		}
+		// Only uid 1000 is mapped. (What it is outside, a uid of its own from the runner's block, is seen from
+		// outside: TestEachJailIsAUserOfItsOwn.)
+		got, _ = mustRun(t, "def main():\n    return open('/proc/self/uid_map').read().split()\n")
+		var m []string
+		json.Unmarshal([]byte(got), &m)
+		if len(m) != 3 || m[0] != "1000" || m[2] != "1" {
+			t.Errorf("uid map %s, want 1000 and nothing else", got)
+		}
+	})
 }
 
 func TestHostProcessesAreInvisible(t *testing.T) {
-	got, _ := mustRun(t, `import os
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import os
 def main():
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     return {"pids": pids, "me": os.getpid()}
 `)
-	var res struct {
-		Pids []int `json:"pids"`
-		Me   int   `json:"me"`
-	}
-	json.Unmarshal([]byte(got), &res)
-	// PID 1 is the harness's init, PID 2 the script.
-	if fmt.Sprint(res.Pids) != "[1 2]" || res.Me != 2 {
-		t.Fatalf("the jail sees processes %v (it is %d)", res.Pids, res.Me)
-	}
+		var res struct {
+			Pids []int `json:"pids"`
+			Me   int   `json:"me"`
+		}
+		json.Unmarshal([]byte(got), &res)
+		// PID 1 is the harness's init, PID 2 the script.
+		if fmt.Sprint(res.Pids) != "[1 2]" || res.Me != 2 {
+			t.Fatalf("the jail sees processes %v (it is %d)", res.Pids, res.Me)
+		}
+	})
 }
 
 // Nothing of one execution is there for the next: files, processes, or the process it started and detached.
 func TestNothingSurvivesIntoTheNextRequest(t *testing.T) {
-	token := "survivor-" + strconv.Itoa(os.Getpid())
-	mustRun(t, fmt.Sprintf(`import os, subprocess, time
+	onBothPaths(t, func(t *testing.T) {
+		token := "survivor-" + strconv.Itoa(os.Getpid())
+		mustRun(t, fmt.Sprintf(`import os, subprocess, time
 def main():
     open("/sandbox/left", "w").write("x")
     open("/tmp/left", "w").write("x")
@@ -234,23 +246,24 @@ def main():
         time.sleep(0.01)
     return "started"
 `, token))
-	// By the time the answer is back, every process of the jail has been killed (the kernel may still be
-	// reaping it), and it is gone soon after.
-	for _, p := range processesWith(token) {
-		pid := strings.SplitN(p, ":", 2)[0]
-		status, err := os.ReadFile("/proc/" + pid + "/status")
-		if err == nil && !killed(string(status)) {
-			t.Fatalf("a detached process of the last request is still running after its answer: %s\n%s", p, status)
+		// By the time the answer is back, every process of the jail has been killed (the kernel may still be
+		// reaping it), and it is gone soon after.
+		for _, p := range processesWith(token) {
+			pid := strings.SplitN(p, ":", 2)[0]
+			status, err := os.ReadFile("/proc/" + pid + "/status")
+			if err == nil && !killed(string(status)) {
+				t.Fatalf("a detached process of the last request is still running after its answer: %s\n%s", p, status)
+			}
 		}
-	}
-	waitUntil(t, "the killed processes to be reaped", func() bool { return len(processesWith(token)) == 0 })
-	got, _ := mustRun(t, `import os
+		waitUntil(t, "the killed processes to be reaped", func() bool { return len(processesWith(token)) == 0 })
+		got, _ := mustRun(t, `import os
 def main():
     return [os.path.exists(p) for p in ("/sandbox/left", "/tmp/left", "/dev/shm/left")] + [os.listdir("/sandbox"), os.listdir("/tmp")]
 `)
-	if got != "[false, false, false, [], []]" {
-		t.Fatalf("files survived into the next request: %s", got)
-	}
+		if got != "[false, false, false, [], []]" {
+			t.Fatalf("files survived into the next request: %s", got)
+		}
+	})
 }
 
 // killed reports whether a /proc/PID/status is of a process that is exiting or has SIGKILL pending.
@@ -286,7 +299,8 @@ func processesWith(s string) []string {
 // started, the load, memory in use, interrupts, disk and pressure counters, open files) or identify the host (boot
 // id, uptime, command line) show fixed text; meminfo shows the jail's own memory limit.
 func TestProcShowsNothingOfTheNeighbours(t *testing.T) {
-	got, _ := mustRun(t, `import os
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import os
 def main():
     def read(p):
         try:
@@ -302,42 +316,43 @@ def main():
             "interrupts": read("/proc/interrupts"), "pressure": sorted(os.listdir("/proc/pressure")),
             "cpu_count": os.cpu_count(), "self": read("/proc/self/status")[:5]}
 `)
-	var res struct {
-		Processes  []string `json:"processes"`
-		Loadavg    string   `json:"loadavg"`
-		Uptime     string   `json:"uptime"`
-		BootID     string   `json:"boot_id"`
-		Cmdline    string   `json:"cmdline"`
-		MemTotal   []string `json:"memtotal"`
-		FileNr     string   `json:"file-nr"`
-		Vmstat     string   `json:"vmstat"`
-		Interrupts string   `json:"interrupts"`
-		Pressure   []string `json:"pressure"`
-		CPUCount   int      `json:"cpu_count"`
-		Self       string   `json:"self"`
-	}
-	if err := json.Unmarshal([]byte(got), &res); err != nil {
-		t.Fatal(err)
-	}
-	hostBoot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	for name, v := range map[string]string{"processes": fmt.Sprint(res.Processes), "loadavg": res.Loadavg,
-		"uptime": res.Uptime, "boot_id": res.BootID, "cmdline": res.Cmdline, "file-nr": res.FileNr,
-		"vmstat": res.Vmstat, "interrupts": res.Interrupts, "pressure": fmt.Sprint(res.Pressure)} {
-		want := map[string]string{"processes": "[processes 0]", "loadavg": "0.00 0.00 0.00 1/1 1\n", "uptime": "0.00 0.00\n",
-			"boot_id": "00000000-0000-0000-0000-000000000000\n", "cmdline": "\n", "file-nr": "0\t0\t0\n",
-			"vmstat": "\n", "interrupts": "\n", "pressure": "[]"}[name]
-		if v != want {
-			t.Errorf("%s in the jail: %q, want the fixed %q", name, v, want)
+		var res struct {
+			Processes  []string `json:"processes"`
+			Loadavg    string   `json:"loadavg"`
+			Uptime     string   `json:"uptime"`
+			BootID     string   `json:"boot_id"`
+			Cmdline    string   `json:"cmdline"`
+			MemTotal   []string `json:"memtotal"`
+			FileNr     string   `json:"file-nr"`
+			Vmstat     string   `json:"vmstat"`
+			Interrupts string   `json:"interrupts"`
+			Pressure   []string `json:"pressure"`
+			CPUCount   int      `json:"cpu_count"`
+			Self       string   `json:"self"`
 		}
-	}
-	if string(hostBoot) == res.BootID {
-		t.Error("the jail sees the host's boot id")
-	}
-	if fmt.Sprint(res.MemTotal) != fmt.Sprintf("[%d]", runner.Limits().MemoryBytes>>10) {
-		t.Errorf("MemTotal %v kB, want the jail's limit of %d bytes (nsjail.cfg's meminfo and cgroup_mem_max disagree)",
-			res.MemTotal, runner.Limits().MemoryBytes)
-	}
-	if res.CPUCount < 1 || res.Self != "Name:" {
-		t.Errorf("what a script needs of /proc broke: cpu_count %d, /proc/self/status %q", res.CPUCount, res.Self)
-	}
+		if err := json.Unmarshal([]byte(got), &res); err != nil {
+			t.Fatal(err)
+		}
+		hostBoot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+		for name, v := range map[string]string{"processes": fmt.Sprint(res.Processes), "loadavg": res.Loadavg,
+			"uptime": res.Uptime, "boot_id": res.BootID, "cmdline": res.Cmdline, "file-nr": res.FileNr,
+			"vmstat": res.Vmstat, "interrupts": res.Interrupts, "pressure": fmt.Sprint(res.Pressure)} {
+			want := map[string]string{"processes": "[processes 0]", "loadavg": "0.00 0.00 0.00 1/1 1\n", "uptime": "0.00 0.00\n",
+				"boot_id": "00000000-0000-0000-0000-000000000000\n", "cmdline": "\n", "file-nr": "0\t0\t0\n",
+				"vmstat": "\n", "interrupts": "\n", "pressure": "[]"}[name]
+			if v != want {
+				t.Errorf("%s in the jail: %q, want the fixed %q", name, v, want)
+			}
+		}
+		if string(hostBoot) == res.BootID {
+			t.Error("the jail sees the host's boot id")
+		}
+		if fmt.Sprint(res.MemTotal) != fmt.Sprintf("[%d]", runner.Limits().MemoryBytes>>10) {
+			t.Errorf("MemTotal %v kB, want the jail's limit of %d bytes (nsjail.cfg's meminfo and cgroup_mem_max disagree)",
+				res.MemTotal, runner.Limits().MemoryBytes)
+		}
+		if res.CPUCount < 1 || res.Self != "Name:" {
+			t.Errorf("what a script needs of /proc broke: cpu_count %d, /proc/self/status %q", res.CPUCount, res.Self)
+		}
+	})
 }

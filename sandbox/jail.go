@@ -2,8 +2,10 @@ package sandbox
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"syscall"
@@ -14,28 +16,104 @@ import (
 // a warm jail, importing numpy and pandas). The harness replaces it with the script's own limit on arrival.
 const startupCPUSeconds = 20
 
-// jail is one nsjail process, from its start to the removal of its cgroup. It serves exactly one script.
+// jail is one jail, from its start to the removal of its cgroup. It serves exactly one script. It is cold (an
+// nsjail process of its own) or forked (a child of a fork server, which reports its status on a pipe); from the
+// script's arrival on, the two are the same jail.
 type jail struct {
 	r          *Runner
-	cmd        *exec.Cmd
+	cmd        *exec.Cmd   // cold: nsjail
+	fs         *forkServer // forked: its fork server
 	cg         *jailCgroup
 	uid        int // outside, this jail's alone until release
 	scriptW    *os.File
 	parentEnds []*os.File
 
-	stdout, stderr, nslog *stream
+	stdout, stderr, nslog *stream // nslog: cold only
 	frame                 <-chan resultRead
 	started               chan struct{} // closed when the harness is ready for the script
-	done                  chan struct{} // closed when nsjail has exited; waitErr is then set
-	waitErr               error
+	done                  chan struct{} // closed when the jail's init has ended; exit is then set
+	exit                  int           // the init's exit status (128 + signal); -1 if it is not known
 
-	begin   time.Time // nsjail started
+	base    int64     // memory charged elsewhere (a fork server's) that the jail's script would otherwise hold
+	begin   time.Time // the jail was started
 	readyAt time.Time // the harness said it was ready
 	stalled bool      // killed for not coming up within the start-up timeout
 }
 
-// launch starts a jail whose harness imports the preload modules before it reports ready.
+// launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the
+// fork server of that preload set if one is ready, else cold.
 func (r *Runner) launch(preload []string) (*jail, error) {
+	if fs := r.forks.server(preload); fs != nil {
+		j, err := r.launchForked(fs, preload)
+		if err == nil {
+			return j, nil
+		}
+		r.logForkFailure(err)
+	}
+	return r.launchCold(preload)
+}
+
+// launchForked asks a fork server for a jail.
+func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
+	uid, err := r.uids.take()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	// The pages the fork server preloaded stay charged to its own cgroup: the child's cgroup is that much
+	// smaller, so that a script has the same memory whichever way its jail was made.
+	limits := r.limits
+	limits.MemoryBytes -= fs.base
+	cg, err := r.cgroups.create(newID(), limits)
+	if err != nil {
+		r.uids.give(uid)
+		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
+	}
+	j := &jail{r: r, cg: cg, uid: uid, base: fs.base, started: make(chan struct{}), done: make(chan struct{}),
+		begin: time.Now()}
+	procs, err := cg.procsFiles()
+	if err != nil {
+		j.release()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	defer closeFiles(procs)
+	// The child's descriptors, in the order forkserver.py takes them: stdout, stderr, script, result, status.
+	var fds [10]*os.File
+	for i := 0; i < len(fds) && err == nil; i += 2 {
+		fds[i], fds[i+1], err = os.Pipe()
+	}
+	stdoutR, stdoutW, stderrR, stderrW, scriptR, scriptW, resultR, resultW, statusR, statusW :=
+		fds[0], fds[1], fds[2], fds[3], fds[4], fds[5], fds[6], fds[7], fds[8], fds[9]
+	childEnds := []*os.File{stdoutW, stderrW, scriptR, resultW, statusW}
+	j.scriptW, j.parentEnds = scriptW, []*os.File{stdoutR, stderrR, scriptW, resultR, statusR}
+	if err != nil {
+		closeFiles(fds[:])
+		j.release()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	err = fs.fork(uid, append(childEnds, procs...))
+	closeFiles(childEnds)
+	if err != nil {
+		j.release()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	j.fs = fs // from here on the fork server counts the jail among its children, until release
+	j.stdout = captureAsync(stdoutR, r.cfg.MaxStdoutBytes)
+	j.stderr = captureAsync(stderrR, 64<<10)
+	j.frame = readResultAsync(resultR, j.started, r.cfg.MaxResultBytes+(64<<10))
+	go func() {
+		// The supervisor writes the init's status once the init has ended; a supervisor killed first writes none.
+		status := make([]byte, 4)
+		j.exit = -1
+		if _, err := io.ReadFull(statusR, status); err == nil {
+			j.exit = int(binary.BigEndian.Uint32(status))
+		}
+		close(j.done)
+	}()
+	return j, nil
+}
+
+// launchCold starts a jail with an nsjail process of its own.
+func (r *Runner) launchCold(preload []string) (*jail, error) {
 	uid, err := r.uids.take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -80,7 +158,7 @@ func (r *Runner) launch(preload []string) (*jail, error) {
 	j.nslog = captureAsync(logR, 64<<10)
 	j.frame = readResultAsync(resultR, j.started, r.cfg.MaxResultBytes+(64<<10))
 	go func() {
-		j.waitErr = j.cmd.Wait()
+		j.exit = exitCode(j.cmd.Wait())
 		close(j.done)
 	}()
 	return j, nil
@@ -94,10 +172,26 @@ func closeFiles(fs []*os.File) {
 	}
 }
 
-// kill kills every process of the jail: the cgroup's, then nsjail, whose death takes the jail's PID namespace.
+// kill kills every process of the jail: the cgroup's, then nsjail, whose death takes the jail's PID namespace. (A
+// forked jail's processes, its supervisor too, are all in its cgroup.)
 func (j *jail) kill() {
 	j.cg.killAll()
-	_ = j.cmd.Process.Kill()
+	if j.cmd != nil {
+		_ = j.cmd.Process.Kill()
+		return
+	}
+	// A forked jail's first process enters the jail's cgroup as its very first step; one the fork server had not
+	// yet forked, or that had not yet moved, is caught on a later round.
+	go func() {
+		for i := 0; i < 2000; i++ {
+			select {
+			case <-j.done:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			j.cg.killAll()
+		}
+	}()
 }
 
 // alive reports whether nsjail is still running.
@@ -119,7 +213,7 @@ func (j *jail) awaitReady(ctx context.Context) error {
 		j.readyAt = time.Now()
 		return nil
 	case <-j.done:
-		return fmt.Errorf("%w: the jail did not start (nsjail exit status %d)", ErrSandbox, exitCode(j.waitErr))
+		return fmt.Errorf("%w: the jail did not start (exit status %d)", ErrSandbox, j.exit)
 	case <-timer.C:
 		j.stalled = true
 		j.kill()
@@ -135,7 +229,7 @@ func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
 	// What the jail holds as the script arrives (the interpreter, and in a warm jail its preloaded modules) counts
 	// against the memory limit, as it would if the script had imported them itself: warm or cold, a script has
 	// the same memory. The harness resets CPU time as the script arrives.
-	base := j.cg.memoryUsage()
+	base := j.base + j.cg.memoryUsage()
 	runStart := time.Now()
 	go func() {
 		j.scriptW.Write(script) // fails with EPIPE if the jail died first; the exit status tells why
@@ -175,11 +269,15 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	// collected (what is in the pipe stays readable, and nothing can add to it). Waiting for the kernel to reap
 	// them and removing the cgroup happen after the answer.
 	obs := j.observe(res, false)
+	peak := j.cg.memoryPeak()
 	j.cg.signalAll()
-	_ = j.cmd.Process.Kill()
+	if j.cmd != nil {
+		_ = j.cmd.Process.Kill()
+	}
 	outBytes, outTrunc := j.stdout.now()
 	errBytes, _ := j.stderr.now()
 	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	out.PeakMemory = peak
 	result, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
 	out.Result = result
 	j.r.cleanups.Add(1)
@@ -216,9 +314,13 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 	}
 	outBytes, outTrunc := j.stdout.wait()
 	errBytes, _ := j.stderr.wait()
-	logBytes, _ := j.nslog.wait()
+	var logBytes []byte
+	if j.nslog != nil {
+		logBytes, _ = j.nslog.wait()
+	}
 	obs := j.observe(res, timedOut)
 	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	out.PeakMemory = j.cg.memoryPeak()
 	if err := j.release(); err != nil && ctxErr == nil {
 		ctxErr = fmt.Errorf("%w: removing the jail's cgroup: %v", ErrSandbox, err)
 	}
@@ -242,7 +344,7 @@ func (j *jail) observe(res resultRead, timedOut bool) observation {
 	}
 	select {
 	case <-j.done:
-		obs.exitCode = exitCode(j.waitErr)
+		obs.exitCode = j.exit
 	default: // still running: a complete frame decides alone
 	}
 	obs.oomKilled, obs.pidsMax = j.cg.events()
@@ -266,6 +368,9 @@ func (j *jail) release() error {
 	if err == nil {
 		j.r.uids.give(j.uid)
 	} // else a process may be left: its uid is not given to another jail
+	if j.fs != nil {
+		j.fs.released()
+	}
 	return err
 }
 

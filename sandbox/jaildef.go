@@ -14,10 +14,11 @@ type textMessage struct {
 }
 
 type textField struct {
-	name  string
-	value string       // a scalar's value, unquoted and unescaped; "" for a message
-	msg   *textMessage // a nested message; nil for a scalar
-	line  int
+	name   string
+	value  string       // a scalar's value, unquoted and unescaped; "" for a message
+	quoted bool         // the value was a string literal (else a number, an enum or a bool)
+	msg    *textMessage // a nested message; nil for a scalar
+	line   int
 }
 
 // parseText parses protobuf text format.
@@ -61,6 +62,51 @@ func (m *textMessage) messages(name string) []*textMessage {
 		}
 	}
 	return out
+}
+
+// format writes m back in protobuf text format, one top-level field per line.
+func (m *textMessage) format() string {
+	var b strings.Builder
+	for _, f := range m.fields {
+		f.write(&b)
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+func (f textField) write(b *strings.Builder) {
+	b.WriteString(f.name)
+	if f.msg != nil {
+		b.WriteString(" {")
+		for _, sub := range f.msg.fields {
+			b.WriteByte(' ')
+			sub.write(b)
+		}
+		b.WriteString(" }")
+		return
+	}
+	b.WriteString(": ")
+	if !f.quoted {
+		b.WriteString(f.value)
+		return
+	}
+	b.WriteByte('"')
+	for _, c := range []byte(f.value) {
+		switch {
+		case c == '"' || c == '\\':
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		case c == '\n':
+			b.WriteString(`\n`)
+		case c == '\t':
+			b.WriteString(`\t`)
+		case c < 0x20 || c >= 0x7f:
+			fmt.Fprintf(b, "\\%03o", c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteByte('"')
 }
 
 type textParser struct {
@@ -129,6 +175,7 @@ func (p *textParser) message(nested bool) (*textMessage, error) {
 		} else if !colon {
 			return nil, fmt.Errorf("field %s has neither a value nor a message", name)
 		} else {
+			f.quoted = p.src[p.pos] == '"' || p.src[p.pos] == '\''
 			v, err := p.scalar()
 			if err != nil {
 				return nil, fmt.Errorf("field %s: %w", name, err)

@@ -12,7 +12,11 @@ import (
 
 // The tests run the real nsjail and the real Python that runtime/install.sh installed; there is no fake jail.
 // Without them the tests fail rather than skip: `make test` installs them first.
-var runner *Runner
+//
+// There are two ways to make a jail, and the isolation, hostile and limit tests run on both (onBothPaths):
+// forkedRunner forks its jails from fork servers, coldRunner starts an nsjail for each. runner is the one the
+// test at hand uses.
+var runner, forkedRunner, coldRunner *Runner
 
 func testConfig() Config {
 	rt := os.Getenv("SAFEPY_RUNTIME_DIR")
@@ -27,12 +31,28 @@ func testConfig() Config {
 	}
 }
 
-// The shared runner is configured as the service runs by default: with a pool of warm jails. Requests that find
-// the pool empty (the tests are quicker than its refills) run cold, so both paths run throughout.
-func sharedConfig() Config {
+// The shared runners are configured as the service runs: with pools of warm jails. Requests that find a pool empty
+// (the tests are quicker than its refills) get a jail made on the spot, so warm jails and fresh ones both run
+// throughout, on both paths.
+func sharedConfig(forked bool) Config {
 	cfg := testConfig()
 	cfg.PoolSize = 2
+	cfg.ForkServers = forked
 	return cfg
+}
+
+// onBothPaths runs fn once on jails forked from fork servers and once on cold ones.
+func onBothPaths(t *testing.T, fn func(t *testing.T)) {
+	t.Helper()
+	for _, p := range []struct {
+		name string
+		r    *Runner
+	}{{"forked", forkedRunner}, {"cold", coldRunner}} {
+		t.Run(p.name, func(t *testing.T) {
+			runner = p.r
+			fn(t)
+		})
+	}
 }
 
 func TestMain(m *testing.M) {
@@ -41,15 +61,24 @@ func TestMain(m *testing.M) {
 		os.Exit(m.Run())
 	}
 	var err error
-	runner, err = New(sharedConfig())
+	if forkedRunner, err = New(sharedConfig(true)); err == nil {
+		coldRunner, err = New(sharedConfig(false))
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "sandbox tests need the real runtime (run `make test`): %v\n", err)
 		os.Exit(1)
 	}
-	info := runner.Info()
-	fmt.Fprintf(os.Stderr, "sandbox tests: enforcement %s %s\n", info.CgroupMode, info.CgroupNote)
+	info := forkedRunner.Info()
+	fmt.Fprintf(os.Stderr, "sandbox tests: enforcement %s %s; jails %s %s\n", info.CgroupMode, info.CgroupNote, info.Path, info.PathNote)
+	if info.Path != "forked" {
+		// Both paths must be tested; a host that refuses the fork path cannot test it, and says so loudly.
+		fmt.Fprintf(os.Stderr, "sandbox tests: this host does not allow fork servers: %s\n", info.PathNote)
+		os.Exit(1)
+	}
+	runner = forkedRunner
 	code := m.Run()
-	runner.Close()
+	forkedRunner.Close()
+	coldRunner.Close()
 	os.Exit(code)
 }
 

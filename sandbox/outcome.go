@@ -55,7 +55,9 @@ type Outcome struct {
 	Stderr          string // for diagnostics only; never returned to a client
 	Started         bool   // the interpreter came up and the script was handed over
 	Warm            bool   // the jail came from the pool of warm jails
-	BaseMemory      int64  // what the jail's cgroup held when the script arrived; it counts against the limit
+	BaseMemory      int64  // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
+	PeakMemory      int64  // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
+	Forked          bool   // the jail was forked from a fork server
 	Timing          Timing
 }
 
@@ -93,7 +95,7 @@ type errorFrame struct {
 // channel is the harness's, and what the script can forge there only harms its own answer.
 func classify(o observation, l Limits, maxResult int) (json.RawMessage, error) {
 	if !o.started || o.stalled {
-		return nil, fmt.Errorf("%w: the jail did not start (nsjail exit status %d)", ErrSandbox, o.exitCode)
+		return nil, fmt.Errorf("%w: the jail did not start (exit status %d)", ErrSandbox, o.exitCode)
 	}
 	if o.timedOut {
 		return nil, &ScriptError{Kind: TimeoutError, Limit: LimitWall,
@@ -126,6 +128,10 @@ func classify(o observation, l Limits, maxResult int) (json.RawMessage, error) {
 	// No frame: the script's process ended before main() returned.
 	if o.oomKilled {
 		return nil, memory
+	}
+	if o.exitCode < 0 {
+		// A forked jail's supervisor ended without a status: its fork server died under it.
+		return nil, fmt.Errorf("%w: the jail ended without an exit status", ErrSandbox)
 	}
 	if o.exitCode > 128 {
 		sig := syscall.Signal(o.exitCode - 128)

@@ -9,16 +9,19 @@ import (
 	"time"
 )
 
-// newPooled returns a runner with a pool of size, whose pool is full.
-func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration) *Runner {
+// newPooled returns a runner with a pool of size, whose pool is full; its jails are forked if forked.
+func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration, forked bool) *Runner {
 	t.Helper()
 	cfg := testConfig()
-	cfg.Cgroup, cfg.PoolSize, cfg.PoolMaxAge = cgroup, size, maxAge
+	cfg.Cgroup, cfg.PoolSize, cfg.PoolMaxAge, cfg.ForkServers = cgroup, size, maxAge, forked
 	r, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.Close() })
+	if forked && r.Info().Path != "forked" {
+		t.Fatalf("no fork servers: %s", r.Info().PathNote)
+	}
 	waitUntil(t, "the pools to fill", func() bool { ready, all := r.WarmJails(); return ready == all })
 	return r
 }
@@ -41,20 +44,22 @@ func runWith(t *testing.T, r *Runner, script string) (Outcome, error) {
 
 // A warm jail is a fresh jail with numpy and pandas already imported. Its limits count from the script's arrival,
 // and it serves one script only. Checked in both enforcement modes.
+// Without cgroups there are no fork servers (a forked jail's processes are found and killed through its cgroup):
+// that mode runs cold only.
 func TestWarmJails(t *testing.T) {
-	for _, mode := range []string{"", "none"} {
-		name := "cgroups"
-		if mode == "none" {
-			name = "rlimits"
-		}
-		t.Run(name, func(t *testing.T) {
-			r := newPooled(t, mode, 1, time.Hour)
+	for _, tc := range []struct {
+		name, mode string
+		forked     bool
+	}{{"cgroups forked", "", true}, {"cgroups cold", "", false}, {"rlimits cold", "none", false}} {
+		mode := tc.mode
+		t.Run(tc.name, func(t *testing.T) {
+			r := newPooled(t, mode, 1, time.Hour, tc.forked)
 			warm := func(script string) (Outcome, error) {
 				t.Helper()
 				waitUntil(t, "warm jails", func() bool { ready, all := r.WarmJails(); return ready == all })
 				out, err := runWith(t, r, script)
-				if !out.Warm {
-					t.Fatalf("the script ran cold")
+				if !out.Warm || out.Forked != tc.forked {
+					t.Fatalf("the script ran warm=%v forked=%v", out.Warm, out.Forked)
 				}
 				return out, err
 			}
@@ -101,7 +106,13 @@ def main():
 
 // The CPU-time limit, counted from the script's arrival, in a child process that escapes nothing.
 func TestCPULimitFromArrival(t *testing.T) {
-	r := newPooled(t, "", 1, time.Hour)
+	for _, forked := range []bool{true, false} {
+		t.Run(fmt.Sprint("forked=", forked), func(t *testing.T) { cpuLimitFromArrival(t, forked) })
+	}
+}
+
+func cpuLimitFromArrival(t *testing.T, forked bool) {
+	r := newPooled(t, "", 1, time.Hour, forked)
 	out, err := runWith(t, r, "import resource  # pandas is preloaded\ndef main():\n    u = resource.getrusage(resource.RUSAGE_SELF)\n    return [resource.getrlimit(resource.RLIMIT_CPU), u.ru_utime + u.ru_stime]\n")
 	if err != nil || !out.Warm {
 		t.Fatalf("%s %v warm=%v", out.Result, err, out.Warm)
@@ -120,7 +131,13 @@ func TestCPULimitFromArrival(t *testing.T) {
 
 // Jails older than the maximum age are replaced without serving, and closing the runner leaves none behind.
 func TestPoolRecyclesAndCloses(t *testing.T) {
-	r := newPooled(t, "", 1, 300*time.Millisecond)
+	for _, forked := range []bool{true, false} {
+		t.Run(fmt.Sprint("forked=", forked), func(t *testing.T) { poolRecyclesAndCloses(t, forked) })
+	}
+}
+
+func poolRecyclesAndCloses(t *testing.T, forked bool) {
+	r := newPooled(t, "", 1, 300*time.Millisecond, forked)
 	p := r.pools[len(r.pools)-1]
 	p.mu.Lock()
 	first := p.ready[0]
@@ -146,7 +163,13 @@ func TestPoolRecyclesAndCloses(t *testing.T) {
 
 // What a jail holds when its script arrives, per kind of jail: it counts against the script's memory limit.
 func TestBaseMemory(t *testing.T) {
-	r := newPooled(t, "", 1, time.Hour)
+	for _, forked := range []bool{true, false} {
+		t.Run(fmt.Sprint("forked=", forked), func(t *testing.T) { baseMemory(t, forked) })
+	}
+}
+
+func baseMemory(t *testing.T, forked bool) {
+	r := newPooled(t, "", 1, time.Hour, forked)
 	if r.Info().CgroupMode == CgroupNone {
 		t.Skip("no cgroup to read memory from on this host") // the rlimits mode is covered by TestWarmJails
 	}
@@ -166,36 +189,5 @@ func TestBaseMemory(t *testing.T) {
 	}
 	if !(base["plain"] < base["numpy"] && base["numpy"] < base["numpy+pandas"]) {
 		t.Fatalf("base memory %v", base)
-	}
-}
-
-// Warm or cold, a script has the same memory: what the jail preloaded counts as if the script had imported it.
-func TestWarmAndColdAlike(t *testing.T) {
-	warm := newPooled(t, "", 1, time.Hour)
-	if warm.Info().CgroupMode == CgroupNone {
-		t.Skip("memory is address space without cgroups; TestWarmJails covers that mode")
-	}
-	coldCfg := testConfig()
-	cold, err := New(coldCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cold.Close()
-	for _, tt := range []struct {
-		mib  int
-		fits bool
-	}{{200, true}, {240, false}} {
-		script := fmt.Sprintf("import pandas\ndef main():\n    a = bytearray(%d << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n", tt.mib)
-		for name, r := range map[string]*Runner{"warm": warm, "cold": cold} {
-			waitUntil(t, "warm jails", func() bool { ready, all := warm.WarmJails(); return ready == all })
-			out, err := runWith(t, r, script)
-			if out.Warm != (name == "warm") {
-				t.Fatalf("%s run was warm=%v", name, out.Warm)
-			}
-			var se *ScriptError
-			if tt.fits && err != nil || !tt.fits && !(errors.As(err, &se) && se.Limit == LimitMemory) {
-				t.Errorf("pandas and %d MiB, %s: %v (want fits=%v)", tt.mib, name, err, tt.fits)
-			}
-		}
 	}
 }

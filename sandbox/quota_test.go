@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,11 +31,12 @@ def holding(token):
 // refused by the seccomp policy or bounded per jail. For each, a hog takes all it can in one jail, and a probe in
 // a concurrent jail must get exactly the answer it gets when it runs alone.
 func TestKernelQuotasAreNotShared(t *testing.T) {
-	tests := []struct {
-		name, hog, probe string
-		host             func() error // the same probe as root on the host, while the hog holds on; nil: none
-	}{
-		{"AIO contexts", `
+	onBothPaths(t, func(t *testing.T) {
+		tests := []struct {
+			name, hog, probe string
+			host             func() error // the same probe as root on the host, while the hog holds on; nil: none
+		}{
+			{"AIO contexts", `
 def main(token):
     ctxs = []
     while len(ctxs) < 1000:
@@ -51,14 +52,14 @@ def main():
     r = libc.syscall(206, 1, ctypes.byref(ctx))
     return [r, ctypes.get_errno()]
 `, func() error {
-			var ctx uint64
-			if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 1, uintptr(unsafePointer(&ctx)), 0); e != 0 {
-				return e
-			}
-			unix.Syscall(unix.SYS_IO_DESTROY, uintptr(ctx), 0, 0)
-			return nil
-		}},
-		{"inotify instances", `
+				var ctx uint64
+				if _, _, e := unix.Syscall(unix.SYS_IO_SETUP, 1, uintptr(unsafePointer(&ctx)), 0); e != 0 {
+					return e
+				}
+				unix.Syscall(unix.SYS_IO_DESTROY, uintptr(ctx), 0, 0)
+				return nil
+			}},
+			{"inotify instances", `
 def main(token):
     fds = []
     while len(fds) < 100000:
@@ -77,13 +78,13 @@ def main():
     fd = libc.inotify_init()
     return [fd >= 0, ctypes.get_errno() if fd < 0 else 0]
 `, func() error {
-			fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
-			if err == nil {
-				unix.Close(fd)
-			}
-			return err
-		}},
-		{"POSIX message queues", `
+				fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
+				if err == nil {
+					unix.Close(fd)
+				}
+				return err
+			}},
+			{"POSIX message queues", `
 def main(token):
     libc.mq_open.restype = ctypes.c_int
     n = 0
@@ -98,7 +99,7 @@ def main():
     fd = libc.mq_open(b"/probe", os.O_CREAT | os.O_RDWR, 0o600, None)
     return [fd >= 0, ctypes.get_errno() if fd < 0 else 0]
 `, nil},
-		{"queued real-time signals", `
+			{"queued real-time signals", `
 def main(token):
     # sigqueue, not kill: kill silently drops what does not fit, sigqueue says EAGAIN.
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
@@ -116,7 +117,7 @@ def main():
             return [sent, ctypes.get_errno()]
     return [100, 0]
 `, nil},
-		{"pipe buffers", `
+			{"pipe buffers", `
 import fcntl
 def main(token):
     # Grow what can be grown, then open pipes until descriptors run out, in several processes.
@@ -145,36 +146,38 @@ def main():
     r, w = os.pipe()
     return fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
 `, nil},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			alone, _ := mustRun(t, tt.probe)
-			token := fmt.Sprintf("hog-%d-%d", os.Getpid(), time.Now().UnixNano())
-			ctx, cancel := context.WithCancel(context.Background())
-			hogDone := make(chan struct{})
-			go func() {
-				defer close(hogDone)
-				runner.Run(ctx, []byte(hogHeader+tt.hog+fmt.Sprintf("\nmain_ = main\ndef main():\n    main_(%q)\n", token)))
-			}()
-			defer func() { cancel(); <-hogDone }()
-			waitUntil(t, "the hog to hold all it can", func() bool { return len(proctree.Live(os.Getpid(), token)) > 0 })
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				alone, _ := mustRun(t, tt.probe)
+				token := fmt.Sprintf("hog-%d-%d", os.Getpid(), time.Now().UnixNano())
+				ctx, cancel := context.WithCancel(context.Background())
+				hogDone := make(chan struct{})
+				go func() {
+					defer close(hogDone)
+					runner.Run(ctx, []byte(hogHeader+tt.hog+fmt.Sprintf("\nmain_ = main\ndef main():\n    main_(%q)\n", token)))
+				}()
+				defer func() { cancel(); <-hogDone }()
+				waitUntil(t, "the hog to hold all it can", func() bool { return len(proctree.Live(os.Getpid(), token)) > 0 })
 
-			beside, _ := mustRun(t, tt.probe)
-			if beside != alone {
-				t.Errorf("beside the hog the probe gets %s; alone it gets %s", beside, alone)
-			}
-			if tt.host != nil {
-				if err := tt.host(); err != nil {
-					t.Errorf("root on the host, beside the hog: %v", err)
+				beside, _ := mustRun(t, tt.probe)
+				if beside != alone {
+					t.Errorf("beside the hog the probe gets %s; alone it gets %s", beside, alone)
 				}
-			}
-		})
-	}
+				if tt.host != nil {
+					if err := tt.host(); err != nil {
+						t.Errorf("root on the host, beside the hog: %v", err)
+					}
+				}
+			})
+		}
+	})
 }
 
 // Each call the policy refuses for the quotas above answers EPERM, like the rest of the policy.
 func TestQuotaCallsAreRefused(t *testing.T) {
-	got, _ := mustRun(t, `import ctypes, fcntl, os
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import ctypes, fcntl, os
 def main():
     libc = ctypes.CDLL(None, use_errno=True)
     out = {}
@@ -193,53 +196,56 @@ def main():
     out["F_GETPIPE_SZ"] = fcntl.fcntl(w, 1032)
     return out
 `)
-	want := `{"io_setup": 1, "inotify_init": 1, "inotify_init1": 1, "fanotify_init": 1, "mq_open": 1, "memfd_secret": 1, "mincore": 1, "cachestat": 1, "F_SETPIPE_SZ": 1, "F_GETPIPE_SZ": 65536}`
-	if got != want {
-		t.Fatalf("got  %s\nwant %s", got, want)
-	}
+		want := `{"io_setup": 1, "inotify_init": 1, "inotify_init1": 1, "fanotify_init": 1, "mq_open": 1, "memfd_secret": 1, "mincore": 1, "cachestat": 1, "F_SETPIPE_SZ": 1, "F_GETPIPE_SZ": 65536}`
+		if got != want {
+			t.Fatalf("got  %s\nwant %s", got, want)
+		}
+	})
 }
 
 // Every resource limit a jail's process has is the one nsjail.cfg (or, where nsjail has no field for it, the
 // harness's pinned list) declares: the file and the jail cannot drift apart.
 func TestRlimitsAreWhatTheConfigDeclares(t *testing.T) {
-	got, _ := mustRun(t, `import resource
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import resource
 def main():
     return {n: list(resource.getrlimit(getattr(resource, n))) for n in dir(resource) if n.startswith("RLIMIT_")}
 `)
-	var inJail map[string][2]int64
-	if err := json.Unmarshal([]byte(got), &inJail); err != nil {
-		t.Fatal(err)
-	}
-	asUint := func(v int64) uint64 {
-		if v == -1 { // Python's RLIM_INFINITY
-			return Infinity
+		var inJail map[string][2]int64
+		if err := json.Unmarshal([]byte(got), &inJail); err != nil {
+			t.Fatal(err)
 		}
-		return uint64(v)
-	}
-	declared := runner.Limits().Rlimits
-	if len(declared) < len(nsjailRlimits)+len(pinnedRlimits) {
-		t.Fatalf("only %d limits declared: %v", len(declared), declared)
-	}
-	for name, want := range declared {
-		have, ok := inJail[name]
-		if !ok {
-			t.Errorf("%s: not in the jail's resource module", name)
-			continue
-		}
-		soft, hard := asUint(have[0]), asUint(have[1])
-		if name == "RLIMIT_CPU" {
-			// Counted from the script's arrival: what the interpreter used before it, plus the declared seconds,
-			// rounded up; SIGKILL one second after SIGXCPU.
-			if soft < want.Soft || soft > want.Soft+2 || hard != soft+1 {
-				t.Errorf("RLIMIT_CPU (%d, %d), want the declared %d s from the script's arrival", soft, hard, want.Soft)
+		asUint := func(v int64) uint64 {
+			if v == -1 { // Python's RLIM_INFINITY
+				return Infinity
 			}
-			continue
+			return uint64(v)
 		}
-		if soft != want.Soft || hard != want.Hard {
-			t.Errorf("%s is (%d, %d) in the jail; nsjail.cfg declares (%d, %d)", name, soft, hard, want.Soft, want.Hard)
+		declared := runner.Limits().Rlimits
+		if len(declared) < len(nsjailRlimits)+len(pinnedRlimits) {
+			t.Fatalf("only %d limits declared: %v", len(declared), declared)
 		}
-	}
-	t.Logf("not declared, inherited: %s", undeclared(inJail, declared))
+		for name, want := range declared {
+			have, ok := inJail[name]
+			if !ok {
+				t.Errorf("%s: not in the jail's resource module", name)
+				continue
+			}
+			soft, hard := asUint(have[0]), asUint(have[1])
+			if name == "RLIMIT_CPU" {
+				// Counted from the script's arrival: what the interpreter used before it, plus the declared seconds,
+				// rounded up; SIGKILL one second after SIGXCPU.
+				if soft < want.Soft || soft > want.Soft+2 || hard != soft+1 {
+					t.Errorf("RLIMIT_CPU (%d, %d), want the declared %d s from the script's arrival", soft, hard, want.Soft)
+				}
+				continue
+			}
+			if soft != want.Soft || hard != want.Hard {
+				t.Errorf("%s is (%d, %d) in the jail; nsjail.cfg declares (%d, %d)", name, soft, hard, want.Soft, want.Hard)
+			}
+		}
+		t.Logf("not declared, inherited: %s", undeclared(inJail, declared))
+	})
 }
 
 func undeclared(inJail map[string][2]int64, declared map[string]Rlimit) string {
@@ -252,34 +258,35 @@ func undeclared(inJail map[string][2]int64, declared map[string]Rlimit) string {
 	return strings.Join(out, " ")
 }
 
-// Each jail alive at once is a uid of its own outside, from the runner's block, never nobody.
+// Each jail alive at once is a uid of its own outside, from the runner's block, never nobody: seen from the host,
+// on the processes of three concurrent jails.
 func TestEachJailIsAUserOfItsOwn(t *testing.T) {
-	script := "import time\ndef main():\n    time.sleep(0.5)\n    return int(open('/proc/self/uid_map').read().split()[1])\n"
-	results := make(chan string, 3)
-	for i := 0; i < 3; i++ {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			out, err := runner.Run(ctx, []byte(script))
-			if err != nil {
-				results <- err.Error()
-				return
-			}
-			results <- string(out.Result)
-		}()
-	}
-	seen := map[string]bool{}
-	for i := 0; i < 3; i++ {
-		r := <-results
-		uid, err := strconv.Atoi(r)
-		if err != nil || uid < runner.uids.base || uid >= runner.uids.base+uidBlockSize {
-			t.Fatalf("outside uid %s, want one of the runner's block from %d", r, runner.uids.base)
+	onBothPaths(t, func(t *testing.T) {
+		token := fmt.Sprintf("uid-%d-%d", os.Getpid(), time.Now().UnixNano())
+		script := fmt.Sprintf("import subprocess, time\ndef main():\n    subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(30)', %q])\n    time.sleep(30)\n", token)
+		ctx, cancel := context.WithCancel(context.Background())
+		var done sync.WaitGroup
+		for i := 0; i < 3; i++ {
+			done.Add(1)
+			go func() {
+				defer done.Done()
+				runner.Run(ctx, []byte(script))
+			}()
 		}
-		seen[r] = true
-	}
-	if len(seen) != 3 {
-		t.Fatalf("three concurrent jails, outside uids %v", seen)
-	}
+		defer func() { cancel(); done.Wait() }()
+		var procs []proctree.Proc
+		waitUntil(t, "three jails to run", func() bool { procs = proctree.Live(os.Getpid(), token); return len(procs) == 3 })
+		seen := map[int]bool{}
+		for _, p := range procs {
+			if p.UID <= runner.uids.base || p.UID >= runner.uids.base+uidBlockSize {
+				t.Fatalf("a jail's process runs as uid %d outside, want one of the runner's block from %d", p.UID, runner.uids.base)
+			}
+			seen[p.UID] = true
+		}
+		if len(seen) != 3 {
+			t.Fatalf("three concurrent jails, outside uids %v", seen)
+		}
+	})
 }
 
 // A runner claims a block of uids no other runner holds and in which nothing runs.

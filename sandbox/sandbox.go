@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,6 +64,12 @@ type Config struct {
 
 	// UIDBase is where the range of outside uids for the jails starts (see uids.go). Default DefaultUIDBase.
 	UIDBase int
+
+	// ForkServers makes jails by forking them from fork servers (forkserver.go), where the host allows it, instead
+	// of starting an nsjail per jail. The warm pools are then refilled by fork. PoolSize 0 turns them off too.
+	ForkServers     bool
+	ForkServerAge   time.Duration // a fork server older than this is replaced; default 10 minutes
+	ForkServerForks int64         // a fork server that forked this many children is replaced; default 1000
 }
 
 // Runner runs scripts. It is safe for concurrent use; the caller bounds the concurrency.
@@ -73,8 +80,11 @@ type Runner struct {
 	cgroupErr  error
 	harnessDir string
 	uids       *uidPool
-	opts       []string       // nsjail's options, rendered once; each jail adds its uid
-	command    []string       // what nsjail runs; the harness's configuration is added per jail
+	opts       []string // nsjail's options, rendered once; each jail adds its uid
+	command    []string // what nsjail runs; the harness's configuration is added per jail
+	forks      *forking // nil: every jail is cold
+	forkNote   string   // why there are no fork servers
+	forkFails  atomic.Int64
 	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
 	cleanups   sync.WaitGroup // jails being destroyed in the background
 	running    atomic.Int64   // executions under way
@@ -89,6 +99,8 @@ type Runner struct {
 type Info struct {
 	CgroupMode CgroupMode
 	CgroupNote string // why cgroups are not used, in rlimits mode
+	Path       string // "forked" when jails are forked from fork servers, else "cold"
+	PathNote   string // why jails are cold
 	Limits     Limits
 	Versions   string // what runtime/install.sh installed (nsjail, Python, packages)
 }
@@ -116,6 +128,12 @@ func New(cfg Config) (*Runner, error) {
 	}
 	if cfg.UIDBase == 0 {
 		cfg.UIDBase = DefaultUIDBase
+	}
+	if cfg.ForkServerAge <= 0 {
+		cfg.ForkServerAge = 10 * time.Minute
+	}
+	if cfg.ForkServerForks <= 0 {
+		cfg.ForkServerForks = 1000
 	}
 	python := filepath.Join(cfg.RuntimeDir, "python")
 	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
@@ -156,20 +174,15 @@ func New(cfg Config) (*Runner, error) {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
+	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids,
+		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
 	jailConfig, _ := filepath.Abs(cfg.JailConfig)
-	runtimePython, _ := filepath.Abs(python)
-	opts := []string{
-		"--config", jailConfig,
-		"--log_fd", "5", "--pass_fd", "3", "--pass_fd", "4",
-		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
-		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
+	opts := append(r.commonOpts(jailConfig),
+		"--pass_fd", "3", "--pass_fd", "4",
 		// nsjail's own timer and CPU limit only bound a jail that never gets a script: a warm jail waits in the pool
 		// up to PoolMaxAge, and the harness sets the script's CPU limit when the script arrives.
-		"--time_limit", strconv.Itoa(int((cfg.PoolMaxAge+limits.Wall+cfg.StartupTimeout)/time.Second) + 1),
-		"--rlimit_cpu", strconv.FormatInt(limits.CPUSeconds+startupCPUSeconds, 10),
-		"--bindmount_ro", runtimePython + ":/usr/local",
-		"--bindmount_ro", harness + ":/safepy/harness.py",
-	}
+		"--time_limit", strconv.Itoa(int((cfg.PoolMaxAge+limits.Wall+cfg.StartupTimeout)/time.Second)+1),
+		"--rlimit_cpu", strconv.FormatInt(limits.CPUSeconds+startupCPUSeconds, 10))
 	if cg.mode == CgroupNone {
 		// Without cgroups memory is bounded by address space, which counts what libraries reserve but never use:
 		// numpy and pandas reserve some 150 MiB. The allowance keeps a pandas script's 200 MiB possible.
@@ -179,12 +192,22 @@ func New(cfg Config) (*Runner, error) {
 		limits.Rlimits["RLIMIT_AS"] = Rlimit{uint64(limits.MemoryBytes + AddressSpaceAllowance), uint64(limits.MemoryBytes + AddressSpaceAllowance)}
 		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{uint64(limits.Processes + 1), uint64(limits.Processes + 1)}
 	}
-
-	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids, opts: opts,
-		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
+	r.limits, r.opts = limits, opts
 	if r.cfg.Busy == nil {
 		cpus := int64(runtime.NumCPU())
 		r.cfg.Busy = func() bool { return r.running.Load() >= cpus }
+	}
+	switch {
+	case !cfg.ForkServers:
+		r.forkNote = "fork servers are turned off"
+	case cfg.PoolSize == 0:
+		r.forkNote = "the pool size is 0: every jail starts cold"
+	case cg.mode == CgroupNone:
+		r.forkNote = "fork servers need cgroups"
+	default:
+		if r.forks, err = startForking(r, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
+			r.forkNote = "this host does not allow the fork path: " + err.Error()
+		}
 	}
 	for i := 0; i <= len(cfg.Preload); i++ {
 		r.pools = append(r.pools, newPool(r, cfg.PoolSize, cfg.PoolMaxAge, cfg.Preload[:i]))
@@ -192,9 +215,33 @@ func New(cfg Config) (*Runner, error) {
 	return r, nil
 }
 
+// commonOpts are the nsjail options a cold jail and a fork server share.
+func (r *Runner) commonOpts(configPath string) []string {
+	runtimePython, _ := filepath.Abs(filepath.Join(r.cfg.RuntimeDir, "python"))
+	return []string{
+		"--config", configPath,
+		"--log_fd", "5",
+		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
+		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
+		"--bindmount_ro", runtimePython + ":/usr/local",
+		"--bindmount_ro", filepath.Join(r.harnessDir, "harness.py") + ":/safepy/harness.py",
+	}
+}
+
+// logForkFailure logs a request that could not be forked (it goes cold), at most once a second.
+func (r *Runner) logForkFailure(err error) {
+	now := time.Now().Unix()
+	if last := r.forkFails.Load(); last != now && r.forkFails.CompareAndSwap(last, now) {
+		slog.Warn("a jail could not be forked; it starts cold", "error", err.Error())
+	}
+}
+
 // Info reports the enforcement mode and limits.
 func (r *Runner) Info() Info {
-	info := Info{CgroupMode: r.cgroups.mode, Limits: r.limits}
+	info := Info{CgroupMode: r.cgroups.mode, Limits: r.limits, Path: "cold", PathNote: r.forkNote}
+	if r.forks != nil {
+		info.Path = "forked"
+	}
 	if v, err := os.ReadFile(filepath.Join(r.cfg.RuntimeDir, "versions.txt")); err == nil {
 		info.Versions = strings.Join(strings.Fields(strings.ReplaceAll(string(v), "\n", "; ")), " ")
 	}
@@ -212,16 +259,21 @@ func (r *Runner) Limits() Limits { return r.limits }
 // The choice is a hint for speed only: every pool's jail is the same jail, and a script that imports pandas in a
 // plain jail simply imports it itself.
 func (r *Runner) takeWarm(script []byte) *jail {
-	i := len(r.cfg.Preload)
-	for i > 0 && !bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
-		i--
-	}
-	for ; i >= 0; i-- {
+	for i := r.preloadIndex(script); i >= 0; i-- {
 		if j := r.pools[i].take(); j != nil {
 			return j
 		}
 	}
 	return nil
+}
+
+// preloadIndex is the largest prefix of Preload whose modules the script names anywhere in its source.
+func (r *Runner) preloadIndex(script []byte) int {
+	i := len(r.cfg.Preload)
+	for i > 0 && !bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
+		i--
+	}
+	return i
 }
 
 // Close stops the pools, destroys their warm jails, and removes what New created.
@@ -234,6 +286,7 @@ func (r *Runner) Close() error {
 	}
 	r.inflight.Wait()
 	r.cleanups.Wait()
+	r.forks.close()
 	r.cgroups.close()
 	r.uids.close()
 	return os.RemoveAll(r.harnessDir)
@@ -299,8 +352,14 @@ func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
 	j := r.takeWarm(script)
 	warm := j != nil
 	if !warm {
+		// Forked from the fork server that has what the script names, if there is one; else a plain cold jail
+		// (a cold jail that preloaded would only do what the script does itself).
+		preload := r.cfg.Preload[:r.preloadIndex(script)]
+		if r.forks == nil {
+			preload = nil
+		}
 		var err error
-		if j, err = r.launch(nil); err != nil {
+		if j, err = r.launch(preload); err != nil {
 			return Outcome{}, err
 		}
 		if err := j.awaitReady(ctx); err != nil {
@@ -312,7 +371,7 @@ func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
 		}
 	}
 	out, err := j.run(ctx, script)
-	out.Warm = warm
+	out.Warm, out.Forked = warm, j.fs != nil
 	return out, err
 }
 

@@ -1,0 +1,232 @@
+# The fork server: a long-lived jail that imports a preload set (nothing; numpy; numpy and pandas) once and then
+# forks one child per request. nsjail makes it from the same definition as a cold jail (sandbox/forkconfig.go says
+# what differs, and why); it is embedded in the Go binary like the harness and mounted at /safepy/forkserver.py.
+#
+# It runs no script and never receives request data: on its control socket (descriptor 3) it receives, per
+# request, only the request's descriptors (stdout, stderr, script, result, status, and the request's cgroup.procs,
+# opened by the server) and the uid to run as. Its child builds the request's jail around itself before the script
+# arrives, from the plan the Go side derived from nsjail.cfg (argv[1]):
+#   1. it moves itself into the request's cgroup (writing 0 to a cgroup.procs the server opened: the kernel checks
+#      the opener's credentials), puts the request's descriptors at fixed numbers and closes every other one, the
+#      control socket included;
+#   2. it becomes the request's uid and unshares user, mount, network, IPC, UTS, cgroup and PID namespaces, mapping
+#      only its own uid (1000 inside);
+#   3. it forks the request's PID 1 and stays behind as a supervisor that reports PID 1's wait status on the status
+#      pipe, as nsjail reports its child's;
+#   4. PID 1 mounts a fresh /proc (with the plan's fixed texts over the files that tell of neighbours) and fresh
+#      tmpfs /sandbox, /tmp and /dev/shm, sets the hostname, the working directory and every rlimit, drops every
+#      capability, sets no_new_privs, installs the cold jail's own seccomp filter (the very BPF program nsjail built
+#      from nsjail.cfg, read from a cold jail at start-up), reseeds what the fork server seeded, and is from then on
+#      exactly a cold jail's harness.
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+
+CTL_FD = 3
+libc = ctypes.CDLL(None, use_errno=True)
+
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 0x4000, 1 << 18
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+SYS_CAPSET = 126
+
+
+class SetupError(Exception):
+    pass
+
+
+def check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SetupError("%s: %s" % (what, os.strerror(err)))
+
+
+def load_harness():
+    spec = importlib.util.spec_from_file_location("safepy_harness", "/safepy/harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(config):
+    harness = load_harness()
+    for name in config["preload"]:
+        __import__(name)
+    # What the child's setup and the harness's run() import, imported here once.
+    import atexit, linecache, random, tempfile, threading, traceback, types  # noqa: F401,E401
+
+    if len(os.listdir("/proc/self/task")) != 1:
+        # unshare(CLONE_NEWUSER) is refused to a multithreaded process, and a fork would copy one thread only.
+        sys.stderr.write("fork server: the preload started threads; refusing to serve\n")
+        os._exit(3)
+    gc.collect()
+    gc.freeze()  # the children share these objects' pages instead of copying them as the collector touches them
+    # Not dumpable: no process of the fork server's user can read its memory or open its /proc files.
+    check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: no zombies
+    ctl = socket.socket(fileno=CTL_FD)
+    ctl.send(b"R")
+    plan = config["plan"]
+    while True:
+        try:
+            msg, fds, flags, _ = socket.recv_fds(ctl, 4096, 16)
+        except InterruptedError:
+            continue
+        if not msg:
+            os._exit(0)  # the server closed the socket: retire
+        if flags & socket.MSG_CTRUNC or len(fds) < 5:
+            for fd in fds:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child(json.loads(msg), fds, plan, harness)
+            except BaseException as exc:
+                try:
+                    os.write(2, ("fork server child: %s\n" % exc).encode())
+                finally:
+                    os._exit(70)
+        for fd in fds:
+            os.close(fd)
+
+
+def child(req, fds, plan, harness):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    request, procs = fds[:5], fds[5:]
+    for fd in procs:
+        os.write(fd, b"0")  # into the request's cgroup, before anything else happens
+        os.close(fd)
+    # Descriptors: 0 /dev/null, 1 stdout, 2 stderr, 3 script, 4 result, 5 status; nothing else, the control socket
+    # least of all. Moved high first, so that no target number is one still to be moved.
+    high = [os.dup(fd) for fd in request]
+    for fd in request:
+        os.close(fd)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for target, fd in enumerate(high, start=1):
+        os.dup2(fd, target)
+    os.closerange(6, os.sysconf("SC_OPEN_MAX"))
+
+    uid = req["uid"]
+    os.setresgid(plan["gid"], plan["gid"], plan["gid"])
+    os.setresuid(uid, uid, uid)
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS |
+                       CLONE_NEWCGROUP | CLONE_NEWPID), "unshare")
+    # The fork server is not dumpable, which leaves /proc/self's files to root; a request's own process is, as a
+    # cold jail's is. (Only now: a change of uid resets the flag.)
+    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", "%d %d 1" % (plan["uid"], uid)),
+                       ("/proc/self/gid_map", "%d %d 1" % (plan["gid"], plan["gid"]))):
+        with open(path, "w") as f:
+            f.write(text)
+
+    pid1 = os.fork()
+    if pid1 == 0:
+        os.close(5)
+        build_jail(plan)
+        harness.set_rlimits(plan["rlimits"])
+        drop_privileges(plan["seccomp"])
+        reseed()
+        sys.argv = ["/safepy/harness.py", json.dumps(plan["harness"])]
+        harness.init(plan["harness"])
+        os._exit(72)  # init never returns
+    for fd in range(5):
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid1, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    code = 128 - code if code < 0 else code  # as nsjail reports a signal
+    os.write(5, code.to_bytes(4, "big"))
+    os._exit(0)
+
+
+def mount(source, target, fstype, flags, data=None):
+    enc = lambda s: s.encode() if s is not None else None
+    return libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data))
+
+
+def build_jail(plan):
+    check(mount(None, "/", None, MS_REC | MS_PRIVATE), "making mounts private")
+    # A scratch tmpfs on /tmp holds the fixed texts until they are bound over /proc's files; they are unlinked
+    # once bound, and the jail's own /tmp is mounted over the scratch one.
+    check(mount("tmpfs", "/tmp", "tmpfs", 0, "size=1048576,nr_inodes=256,mode=0700"), "scratch tmpfs")
+    for i, m in enumerate(plan["mounts"]):
+        ro = 0 if m["rw"] else MS_RDONLY
+        kind, dst = m["kind"], m["dst"]
+        if kind == "proc":
+            r = mount("proc", dst, "proc", ro)
+        elif kind == "tmpfs":
+            r = mount("tmpfs", dst, "tmpfs", ro, m["options"])
+        else:  # a fixed text over a file
+            scratch = "/tmp/.safepy-%d" % i
+            with open(scratch, "w") as f:
+                f.write(m["content"])
+            r = mount(scratch, dst, None, MS_BIND)
+            if r == 0 and ro:
+                r = mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            os.unlink(scratch)
+        if r != 0 and m["mandatory"]:
+            check(r, "mounting %s" % dst)
+    check(libc.sethostname(plan["hostname"].encode(), len(plan["hostname"])), "sethostname")
+    os.chdir(plan["cwd"])
+
+
+def drop_privileges(seccomp_hex):
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: ignored
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    data = (Data * 2)()
+    check(libc.syscall(SYS_CAPSET, ctypes.byref(Header(0x20080522, 0)), data), "capset")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    program = bytes.fromhex(seccomp_hex)
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = Fprog(len(program) // 8, ctypes.addressof(buf))
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "installing the seccomp filter")
+
+
+def reseed():
+    """What the fork server seeded at import is shared by every child until reseeded here. random reseeds itself at
+    fork; numpy's legacy global generator does not; tempfile keeps a generator of names; multiprocessing keeps an
+    authentication key."""
+    import random
+
+    random.seed()
+    m = sys.modules
+    if "numpy" in m:
+        m["numpy"].random.seed()
+    if "tempfile" in m:
+        m["tempfile"]._name_sequence = None
+    if "multiprocessing.process" in m:
+        m["multiprocessing.process"].current_process().authkey = os.urandom(32)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
