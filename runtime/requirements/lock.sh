@@ -32,7 +32,7 @@ echo "# Written by: runtime/requirements/lock.sh $version $*"
 for w in "$work"/wheels/*.whl; do
   file=$(basename "$w")
   # A wheel's file name is name-version-...; the name's underscores stand for any of - _ .
-  name=$(printf '%s' "${file%%-*}" | tr '_' '-' | tr 'A-Z' 'a-z')
+  name=$(printf '%s' "${file%%-*}" | tr '_' '-' | tr '[:upper:]' '[:lower:]')
   ver=$(printf '%s' "$file" | cut -d- -f2)
   printf '%s==%s \\\n    --hash=sha256:%s\n' "$name" "$ver" "$(sha256sum "$w" | cut -d' ' -f1)"
 done
