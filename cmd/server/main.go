@@ -1,13 +1,13 @@
-// Command local serves the Execute function on $PORT (default 8080), locally and in the Cloud Run image.
+// Command server is safe-py's production server: it serves the Execute function on $PORT (default 8080), in the
+// Cloud Run image and locally (`make run`).
 //
-// The function is registered with the Functions Framework in the root package's init. The framework's own Start
-// serves it with an http.Server that has no timeouts and no graceful shutdown, so this main serves the same
-// registered function from a server of its own; FUNCTION_TARGET must name it.
-//
-// Start-up: the configuration is read, logs go to stdout in Cloud Logging's format, and a self-check runs a real
-// script in the real jail before the port opens; if the jail cannot be made, it logs why and exits 1.
-// Shutdown (SIGTERM, as Cloud Run sends it, or Ctrl-C): stop accepting, let running executions finish within
-// SAFEPY_SHUTDOWN_GRACE (8 s; Cloud Run allows 10), kill the jails of any still running, exit 0.
+// Why a server of its own rather than the Functions Framework's funcframework.Start, which serves the same
+// registered function (and which the function also supports, see function.go): Start's http.Server has no
+// timeouts, no graceful shutdown and no connection cap, and it opens its port before anything checked that the
+// sandbox works. Here the start-up self-check runs a real script in the real jail before the port opens (if the
+// jail cannot be made, it logs why and exits 1); idle and slow clients cannot fill the connections; SIGTERM (as
+// Cloud Run sends it) or Ctrl-C stops accepting, lets running executions finish within SAFEPY_SHUTDOWN_GRACE (8 s;
+// Cloud Run allows 10), kills the jails of any still running, and exits 0.
 package main
 
 import (
