@@ -23,45 +23,29 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy"
-	"github.com/safe-py/safepy/cloudlog"
 	"github.com/safe-py/safepy/connlimit"
 )
 
 func main() {
-	if err := run(); err != nil {
+	cfg, log, err := safepy.Configure(context.Background(), os.Stdout)
+	slog.SetDefault(log)
+	if err == nil {
+		err = run(cfg)
+	}
+	if err != nil {
 		slog.Error("safe-py stopped", "error", err.Error())
 		os.Exit(1)
 	}
 }
 
-func run() error {
-	cfg, err := safepy.ConfigFromEnv()
-	slog.SetDefault(slog.New(cloudlog.NewHandler(os.Stdout, cloudlog.Options{ProjectID: cfg.ProjectID,
-		Labels: map[string]string{"service": "safe-py"}})))
-	if err != nil {
-		return err
-	}
-	port := os.Getenv("PORT")
-	if port == "" {
-		port = "8080"
-	}
-	grace := 8 * time.Second
-	if v := os.Getenv("SAFEPY_SHUTDOWN_GRACE"); v != "" {
-		if grace, err = time.ParseDuration(v); err != nil || grace < 0 {
-			return fmt.Errorf("SAFEPY_SHUTDOWN_GRACE must be a duration such as 8s, not %q", v)
-		}
-	}
-	if target := os.Getenv("FUNCTION_TARGET"); target != "" && target != safepy.FunctionName {
-		return fmt.Errorf("FUNCTION_TARGET is %q, but this binary serves only %q", target, safepy.FunctionName)
-	}
-
-	svc, err := safepy.PrepareWith(cfg)
+func run(cfg safepy.Config) error {
+	svc, err := safepy.PrepareWith(cfg, slog.Default())
 	if err != nil {
 		return fmt.Errorf("the sandbox cannot run scripts, refusing to serve: %w", err)
 	}
 	defer svc.Close()
 
-	ln, err := net.Listen("tcp", net.JoinHostPort("", port))
+	ln, err := net.Listen("tcp", net.JoinHostPort("", cfg.Port))
 	if err != nil {
 		return err
 	}
@@ -89,16 +73,16 @@ func run() error {
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(conns.Listener(ln)) }()
-	slog.Info("serving", "port", port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
+	slog.Info("serving", "port", cfg.Port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
 
 	select {
 	case err := <-errc:
 		return err
 	case <-stop.Done():
 	}
-	slog.Info("shutting down: no new requests; running executions may finish", "grace", grace.String())
+	slog.Info("shutting down: no new requests; running executions may finish", "grace", cfg.ShutdownGrace.String())
 	svc.Drain()
-	graceCtx, cancelGrace := context.WithTimeout(context.Background(), grace)
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancelGrace()
 	if err := srv.Shutdown(graceCtx); err != nil {
 		slog.Warn("grace period over: killing the jails still running", "error", err.Error())
