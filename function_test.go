@@ -27,6 +27,9 @@ import (
 var srv *httptest.Server
 
 func TestMain(m *testing.M) {
+	if os.Getenv(frameworkChild) == "1" {
+		serveWithFuncframework() // this process is a server that a test started; see funcframework_test.go
+	}
 	flag.Parse()
 	f, w := flag.Lookup("test.fuzz"), flag.Lookup("test.fuzzworker")
 	if f != nil && f.Value.String() != "" || w != nil && w.Value.String() == "true" {

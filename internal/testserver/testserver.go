@@ -114,6 +114,24 @@ func (s *Server) WaitHealthy(t *testing.T) {
 	t.Fatalf("never healthy: %s", strings.Join(s.Lines(), "\n"))
 }
 
+// WaitListening waits until the port accepts connections, without sending a request.
+func (s *Server) WaitListening(t *testing.T) {
+	t.Helper()
+	addr := strings.TrimPrefix(s.URL, "http://")
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-s.done:
+			t.Fatalf("the server exited: %s", strings.Join(s.Lines(), "\n"))
+		default:
+		}
+	}
+	t.Fatalf("never listened: %s", strings.Join(s.Lines(), "\n"))
+}
+
 // Lines returns every line of output so far.
 func (s *Server) Lines() []string {
 	s.mu.Lock()
