@@ -163,17 +163,17 @@ func TestProjectForTraceNames(t *testing.T) {
 			if asked := md.Requests() > 0; asked != tt.asked {
 				t.Errorf("metadata server asked: %v, want %v", asked, tt.asked)
 			}
-			found := s.Entries("project for trace names")
-			if len(found) != 1 || found[0]["from"] != tt.from || found[0]["project_id"] != tt.project ||
-				!strings.Contains(fmt.Sprint(found[0]["note"]), tt.note) {
-				t.Fatalf("start-up entry %v, want from=%s project_id=%q note~%q", found, tt.from, tt.project, tt.note)
-			}
 			status, _, err := post(s.URL, "def main():\n    return 1\n", map[string]string{"traceparent": traceparent})
 			if err != nil || status != 200 {
 				t.Fatalf("%d %v", status, err)
 			}
 			s.Cmd.Process.Signal(syscall.SIGTERM)
-			s.Exit(t)
+			s.Exit(t) // all its output read
+			found := s.Entries("project for trace names")
+			if len(found) != 1 || found[0]["from"] != tt.from || found[0]["project_id"] != tt.project ||
+				!strings.Contains(fmt.Sprint(found[0]["note"]), tt.note) {
+				t.Fatalf("start-up entry %v, want from=%s project_id=%q note~%q", found, tt.from, tt.project, tt.note)
+			}
 			execs := s.Entries("execution")
 			want := any(nil)
 			if tt.project != "" {

@@ -132,6 +132,17 @@ func (s *Server) WaitListening(t *testing.T) {
 	t.Fatalf("never listened: %s", strings.Join(s.Lines(), "\n"))
 }
 
+// Await polls until cond holds: what the server logs after it answered, or what the pipe has not carried yet,
+// arrives a moment later. The bound only keeps a broken build from hanging the suite.
+func (s *Server) Await(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s: %s", what, strings.Join(s.Lines(), "\n"))
+		}
+	}
+}
+
 // Lines returns every line of output so far.
 func (s *Server) Lines() []string {
 	s.mu.Lock()
