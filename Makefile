@@ -12,7 +12,7 @@ runtime:
 	@./runtime/install.sh "$(SAFEPY_RUNTIME_DIR)"
 
 run: runtime
-	$(GO) run ./cmd/local
+	$(GO) run ./cmd/server
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

@@ -24,7 +24,20 @@ type Config struct {
 	// queue's length follows from it and the slots.
 	QueueWait time.Duration
 
-	ProjectID string // GOOGLE_CLOUD_PROJECT: for trace correlation in the logs
+	// ProjectID names the project in the logs' trace names: GOOGLE_CLOUD_PROJECT, or, on Google Cloud without it,
+	// what the metadata server says (Configure asks it). ProjectFrom says which ("env", "metadata" or "none"), and
+	// ProjectNote why there is none.
+	ProjectID, ProjectFrom, ProjectNote string
+	// CloudRunService is K_SERVICE, which Cloud Run (and Cloud Functions) set: the sign that the metadata server is
+	// there to ask.
+	CloudRunService string
+
+	Port           string        // PORT: where cmd/server listens
+	FunctionTarget string        // FUNCTION_TARGET: the function to serve; only Execute exists
+	ShutdownGrace  time.Duration // SAFEPY_SHUTDOWN_GRACE: how long running executions may finish after SIGTERM
+	// PrepareRetry is SAFEPY_PREPARE_RETRY: after the function's start-up failed (under the Functions Framework's
+	// server), the least time before a request tries again.
+	PrepareRetry time.Duration
 
 	Sandbox sandbox.Config
 }
@@ -107,6 +120,20 @@ func ConfigFromEnv() (Config, error) {
 			ForkServerAge:   duration("SAFEPY_FORK_SERVER_MAX_AGE", 10*time.Minute),
 			ForkServerForks: int64(num("SAFEPY_FORK_SERVER_MAX_FORKS", 1000)),
 		},
+	}
+	cfg.CloudRunService = os.Getenv("K_SERVICE")
+	cfg.Port, cfg.FunctionTarget = str("PORT", "8080"), str("FUNCTION_TARGET", FunctionName)
+	cfg.PrepareRetry = duration("SAFEPY_PREPARE_RETRY", 10*time.Second)
+	cfg.ShutdownGrace = 8 * time.Second // 0 is a setting here: no grace, running executions are killed at once
+	if v := os.Getenv("SAFEPY_SHUTDOWN_GRACE"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d >= 0 {
+			cfg.ShutdownGrace = d
+		} else {
+			errs = append(errs, fmt.Errorf("SAFEPY_SHUTDOWN_GRACE must be a duration such as 8s, not %q", v))
+		}
+	}
+	if cfg.FunctionTarget != FunctionName {
+		errs = append(errs, fmt.Errorf("FUNCTION_TARGET is %q, but this binary serves only %q", cfg.FunctionTarget, FunctionName))
 	}
 	if len(errs) > 0 {
 		return cfg, fmt.Errorf("configuration: %v", errs)

@@ -28,11 +28,21 @@ func TestDockerfile(t *testing.T) {
 	if len(froms) != 2 {
 		t.Fatalf("want a build stage and a runtime stage, got %v", froms)
 	}
-	if want := "golang:" + goVersion + "-"; !strings.HasPrefix(froms[0][1], want) {
-		t.Errorf("build stage %s: want Go pinned to go.mod's %s", froms[0][1], goVersion)
+	// The build stage's Go is pinned to a patch release (a digest may follow) and can build go.mod: the image sets
+	// GOTOOLCHAIN=local, so a go line newer than the image's Go fails the build.
+	golang := regexp.MustCompile(`^golang:(\d+\.\d+\.\d+)-[a-z]+(@sha256:[0-9a-f]{64})?$`).FindStringSubmatch(froms[0][1])
+	if golang == nil {
+		t.Errorf("build stage %s: want golang:X.Y.Z-DEBIAN, pinned to a patch release", froms[0][1])
+	} else if newer(goVersion, golang[1]) {
+		t.Errorf("build stage %s: its Go cannot build go.mod's go %s", froms[0][1], goVersion)
 	}
-	if !regexp.MustCompile(`^python:3\.11\.\d+-slim-`).MatchString(froms[1][1]) {
-		t.Errorf("runtime stage %s: want a pinned slim CPython 3.11 (the wheels are cp311)", froms[1][1])
+	// The runtime stage is a pinned slim CPython 3.X.Y that the runtime's lists support (install.sh checks the minor
+	// when the image is built); a digest may follow.
+	if !regexp.MustCompile(`^python:3\.1[0-3]\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?$`).MatchString(froms[1][1]) {
+		t.Errorf("runtime stage %s: want python:3.X.Y-slim-DEBIAN, a patch release of CPython 3.10 to 3.13", froms[1][1])
+	}
+	if !strings.Contains(df, "refresh the pins") || !strings.Contains(df, "@sha256:") {
+		t.Error("the Dockerfile does not say how to refresh its pins, and that a digest pin is better")
 	}
 	runtimeStage := df[strings.LastIndex(df, "\nFROM "):]
 	for _, want := range []string{
@@ -43,6 +53,7 @@ func TestDockerfile(t *testing.T) {
 		"SAFEPY_RUNTIME_DIR=",             // where install.sh put the runtime
 		"COPY nsjail.cfg ./",              // the one jail definition
 		"COPY --from=build /out/safe-py ", // only the binary crosses from the build stage
+		"go build -trimpath -ldflags=\"-s -w\" -o /out/safe-py ./cmd/server", // the production server
 	} {
 		if !strings.Contains(df, want) {
 			t.Errorf("Dockerfile lacks %q", want)
@@ -65,6 +76,24 @@ func TestDockerfile(t *testing.T) {
 	}
 }
 
+// newer reports whether Go version a (1.26 or 1.26.8) is newer than b.
+func newer(a, b string) bool {
+	pa, pb := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; i < max(len(pa), len(pb)); i++ {
+		var x, y int
+		if i < len(pa) {
+			x, _ = strconv.Atoi(pa[i])
+		}
+		if i < len(pb) {
+			y, _ = strconv.Atoi(pb[i])
+		}
+		if x != y {
+			return x > y
+		}
+	}
+	return false
+}
+
 func TestCloudBuild(t *testing.T) {
 	cb := readRepoFile(t, "cloudbuild.yaml")
 	for _, want := range []string{
@@ -75,16 +104,29 @@ func TestCloudBuild(t *testing.T) {
 		"--memory=${_MEMORY}",
 		"--no-allow-unauthenticated",
 		"-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_SERVICE}", // Artifact Registry
-		"_REGION:", "_REPOSITORY:", "_SERVICE:",
+		"_REGION:", "_REPOSITORY:", "_SERVICE:", "_RUNTIME_SA:",
+		// Its own identity, with no roles (the README's setup grants it none).
+		"--service-account=${_RUNTIME_SA}@$PROJECT_ID.iam.gserviceaccount.com",
+		// Probes on the path Cloud Run's front end lets through.
+		"--startup-probe=httpGet.path=/health,", "--liveness-probe=httpGet.path=/health,",
+		// The build runs as its own service account, which requires logs in Cloud Logging (or a bucket of one's own).
+		"logging: CLOUD_LOGGING_ONLY",
 	} {
 		if !strings.Contains(cb, want) {
 			t.Errorf("cloudbuild.yaml lacks %q", want)
 		}
 	}
-	for _, banned := range []string{"gcr.io/$PROJECT_ID", "--allow-unauthenticated", "execution-environment=gen1"} {
+	for _, banned := range []string{"gcr.io/$PROJECT_ID", "--allow-unauthenticated", "execution-environment=gen1", "/healthz"} {
 		if strings.Contains(cb, banned) {
 			t.Errorf("cloudbuild.yaml has %q", banned)
 		}
+	}
+	// The image is pushed once: by the push step, which the deploy step needs before it, and not again by images:.
+	if pushes := strings.Count(cb, `args: ["push", `); pushes != 1 || regexp.MustCompile(`(?m)^images:`).MatchString(cb) {
+		t.Errorf("want exactly one push, by a step, and no images: list (%d push steps)", pushes)
+	}
+	if strings.Index(cb, "id: push") > strings.Index(cb, "id: deploy") {
+		t.Error("the deploy step comes before the push step")
 	}
 	// The instance must hold its slots at the jail's memory limit, plus the server's share.
 	sub := func(name string) string {
@@ -105,5 +147,39 @@ func TestCloudBuild(t *testing.T) {
 	if slots < 1 || slots > cpus || memMiB < perSlot*slots+serverShare>>20 {
 		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and %d MiB per slot plus %d MiB",
 			slots, cpus, mem, perSlot, serverShare>>20)
+	}
+}
+
+// The README's deploy section is the one-time setup the build needs and the command that uses it: the roles the
+// build's own service account needs for build, push and deploy, none for the service's, and the probes' path.
+func TestDeployDocs(t *testing.T) {
+	readme := readRepoFile(t, "README.md")
+	i := strings.Index(readme, "## Deploy to Cloud Run")
+	if i < 0 {
+		t.Fatal("no deploy section")
+	}
+	deploy := readme[i:]
+	if j := strings.Index(deploy[3:], "\n## "); j >= 0 {
+		deploy = deploy[:j+3]
+	}
+	for _, want := range []string{
+		"gcloud iam service-accounts create safe-py-runtime",
+		"gcloud iam service-accounts create safe-py-deployer",
+		"--role=roles/artifactregistry.writer", // push
+		"--role=roles/run.admin",               // deploy
+		"gcloud iam service-accounts add-iam-policy-binding $RUNTIME \\\n  --member=serviceAccount:$DEPLOYER --role=roles/iam.serviceAccountUser",
+		"--role=roles/logging.logWriter", // the build's logs
+		"gcloud builds submit --config cloudbuild.yaml",
+		"--service-account=projects/$PROJECT/serviceAccounts/$DEPLOYER",
+		"_RUNTIME_SA=safe-py-runtime",
+		"`--startup-probe` and `--liveness-probe` on `/health`",
+	} {
+		if !strings.Contains(deploy, want) {
+			t.Errorf("the README's deploy section lacks %q", want)
+		}
+	}
+	// The runtime service account is granted nothing: it is only ever the member's target, never the member.
+	if strings.Contains(deploy, "--member=serviceAccount:$RUNTIME") {
+		t.Error("the README grants the runtime service account a role")
 	}
 }

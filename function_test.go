@@ -27,6 +27,9 @@ import (
 var srv *httptest.Server
 
 func TestMain(m *testing.M) {
+	if os.Getenv(frameworkChild) == "1" {
+		serveWithFuncframework() // this process is a server that a test started; see funcframework_test.go
+	}
 	flag.Parse()
 	f, w := flag.Lookup("test.fuzz"), flag.Lookup("test.fuzzworker")
 	if f != nil && f.Value.String() != "" || w != nil && w.Value.String() == "true" {
@@ -402,11 +405,27 @@ func TestFailsClosed(t *testing.T) {
 		}
 	})
 	t.Run("unavailable answers", func(t *testing.T) {
-		for path, status := range map[string]int{"/execute": 500, "/healthz": 503} {
+		// The kind of failure, and when a retry may help; never the error's own text, which names the host's paths.
+		internal := errors.New("open /opt/secret/nsjail: no user namespaces")
+		tests := []struct {
+			path   string
+			err    error
+			status int
+			want   string
+			retry  bool
+		}{
+			{"/execute", &notReady{err: internal, retryAt: time.Now().Add(5 * time.Second)}, 500, "the sandbox is unavailable", true},
+			{"/healthz", &notReady{err: internal, retryAt: time.Now().Add(5 * time.Second)}, 503, "the sandbox is unavailable", true},
+			{"/health", &notReady{err: internal, invalidConfig: true}, 503, "configuration is invalid", false},
+			{"/execute", internal, 500, "the sandbox is unavailable", false},
+		}
+		for _, tt := range tests {
 			w := httptest.NewRecorder()
-			unavailable(w, httptest.NewRequest("POST", path, nil), errors.New("no user namespaces"))
-			if w.Code != status || !strings.Contains(w.Body.String(), "no user namespaces") {
-				t.Fatalf("%s: %d %s", path, w.Code, w.Body)
+			unavailable(w, httptest.NewRequest("POST", tt.path, nil), tt.err)
+			body := w.Body.String()
+			if w.Code != tt.status || !strings.Contains(body, `"type":"InternalError"`) || !strings.Contains(body, tt.want) ||
+				strings.Contains(body, "secret") || strings.Contains(body, "namespaces") || (w.Header().Get("Retry-After") != "") != tt.retry {
+				t.Errorf("%s: %d Retry-After=%q %s", tt.path, w.Code, w.Header().Get("Retry-After"), body)
 			}
 		}
 	})

@@ -343,16 +343,6 @@ func methodNotAllowed(w http.ResponseWriter, allow string) {
 		Message: "method not allowed; allowed: " + allow}, nil)
 }
 
-// unavailable answers every request while the sandbox cannot run scripts.
-func unavailable(w http.ResponseWriter, r *http.Request, err error) {
-	slog.Error("refusing to serve: the sandbox is unavailable", "error", err.Error(), "path", r.URL.Path)
-	status := http.StatusInternalServerError
-	if r.URL.Path == "/health" || r.URL.Path == "/healthz" {
-		status = http.StatusServiceUnavailable
-	}
-	writeError(w, status, apiError{Type: "InternalError", Message: "the sandbox is unavailable: " + err.Error()}, nil)
-}
-
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

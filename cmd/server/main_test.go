@@ -11,14 +11,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/safe-py/safepy/internal/proctree"
+	"github.com/safe-py/safepy/internal/testserver"
 )
 
 // The version line runtime/install.sh writes for the interpreter it copied.
@@ -48,119 +47,11 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-type server struct {
-	cmd  *exec.Cmd
-	url  string
-	mu   sync.Mutex
-	logs []map[string]any
-	raw  []string
-	done chan struct{}
-}
-
-func freePort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-}
-
-// start runs the server with env added to a clean environment pointing at the repository's runtime and jail.
-func start(t *testing.T, wrap []string, env ...string) *server {
+// start runs the server, wrapped in wrap, with env added to a clean environment pointing at the repository's
+// runtime and jail, and a project for trace names.
+func start(t *testing.T, wrap []string, env ...string) *testserver.Server {
 	t.Helper()
-	root, _ := filepath.Abs("../..")
-	rt := os.Getenv("SAFEPY_RUNTIME_DIR")
-	if rt == "" {
-		rt = filepath.Join(root, ".runtime")
-	}
-	port := freePort(t)
-	args := append(append([]string{}, wrap...), binary)
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "PORT=" + port, "SAFEPY_RUNTIME_DIR=" + rt,
-		"SAFEPY_NSJAIL_CONFIG=" + filepath.Join(root, "nsjail.cfg"), "GOOGLE_CLOUD_PROJECT=test-project"}, env...)
-	stdout, _ := cmd.StdoutPipe()
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	s := &server{cmd: cmd, url: "http://127.0.0.1:" + port, done: make(chan struct{})}
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			var m map[string]any
-			s.mu.Lock()
-			s.raw = append(s.raw, sc.Text())
-			if json.Unmarshal(sc.Bytes(), &m) == nil {
-				s.logs = append(s.logs, m)
-			} else {
-				s.logs = append(s.logs, map[string]any{"unparsed": sc.Text()})
-			}
-			s.mu.Unlock()
-		}
-		close(s.done)
-	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-s.done
-		cmd.Wait()
-	})
-	return s
-}
-
-func (s *server) waitHealthy(t *testing.T) {
-	t.Helper()
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if resp, err := http.Get(s.url + "/healthz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
-		}
-		select {
-		case <-s.done:
-			t.Fatalf("the server exited: %s", strings.Join(s.lines(), "\n"))
-		default:
-		}
-	}
-	t.Fatalf("never healthy: %s", strings.Join(s.lines(), "\n"))
-}
-
-func (s *server) lines() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]string{}, s.raw...)
-}
-
-func (s *server) entries(message string) []map[string]any {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []map[string]any
-	for _, m := range s.logs {
-		if m["message"] == message {
-			out = append(out, m)
-		}
-	}
-	return out
-}
-
-// exit waits for the process to end and returns its exit code.
-func (s *server) exit(t *testing.T) int {
-	t.Helper()
-	select {
-	case <-s.done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the server did not exit")
-	}
-	err := s.cmd.Wait()
-	if ee, ok := err.(*exec.ExitError); ok {
-		return ee.ExitCode()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return 0
+	return testserver.Start(t, append(append([]string{}, wrap...), binary), append([]string{"GOOGLE_CLOUD_PROJECT=test-project"}, env...)...)
 }
 
 func post(url, script string, header map[string]string) (int, string, error) {
@@ -182,20 +73,20 @@ func post(url, script string, header map[string]string) (int, string, error) {
 // request's trace, and never the script, its output or its result.
 func TestLogs(t *testing.T) {
 	s := start(t, nil)
-	s.waitHealthy(t)
+	s.WaitHealthy(t)
 	script := "# SOURCE-MARKER\ndef main():\n    print('OUTPUT-MARKER')\n    return 'RESULT-MARKER'\n"
-	status, body, err := post(s.url, script, map[string]string{
+	status, body, err := post(s.URL, script, map[string]string{
 		"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
 	if err != nil || status != 200 || !strings.Contains(body, "RESULT-MARKER") {
 		t.Fatalf("%d %s %v", status, body, err)
 	}
-	post(s.url, "def main(:\n", map[string]string{"X-Cloud-Trace-Context": "105445aa7843bc8bf206b12000100000/1;o=1"})
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	if code := s.exit(t); code != 0 {
+	post(s.URL, "def main(:\n", map[string]string{"X-Cloud-Trace-Context": "105445aa7843bc8bf206b12000100000/1;o=1"})
+	s.Cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.Exit(t); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 
-	for _, line := range s.lines() {
+	for _, line := range s.Lines() {
 		var m map[string]any
 		if err := json.Unmarshal([]byte(line), &m); err != nil {
 			t.Errorf("not a JSON object: %q", line)
@@ -211,12 +102,12 @@ func TestLogs(t *testing.T) {
 		}
 	}
 	// The runtime is a copy of whichever CPython the machine has (runtime/install.sh takes 3.10 to 3.13).
-	ready := s.entries("sandbox ready")
+	ready := s.Entries("sandbox ready")
 	if len(ready) != 1 || ready[0]["cgroup_mode"] == nil || !strings.Contains(fmt.Sprint(ready[0]["versions"]), "nsjail 3.6") ||
 		!supportedPython.MatchString(fmt.Sprint(ready[0]["versions"])) {
 		t.Errorf("start-up entry: %v", ready)
 	}
-	execs := s.entries("execution")
+	execs := s.Entries("execution")
 	if len(execs) != 2 {
 		t.Fatalf("%d execution entries, want one per execution: %v", len(execs), execs)
 	}
@@ -239,9 +130,70 @@ func TestLogs(t *testing.T) {
 	}
 }
 
+// The project for trace names: GOOGLE_CLOUD_PROJECT if set; else, on Google Cloud (K_SERVICE set; Cloud Run sets
+// no GOOGLE_CLOUD_PROJECT), the metadata server's answer, asked once and for at most a couple of seconds; else none.
+// Each way, the start-up log says where it came from, and the server serves, also next to a metadata server that
+// never answers or is not there.
+func TestProjectForTraceNames(t *testing.T) {
+	const traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	tests := []struct {
+		name     string
+		env      []string
+		metadata string // "answers", "hangs" or "absent"
+		from     string
+		project  string
+		note     string
+		asked    bool
+	}{
+		{"from the environment", []string{"GOOGLE_CLOUD_PROJECT=env-project", "K_SERVICE=safe-py"}, "answers", "env", "env-project", "", false},
+		{"from the metadata server", []string{"GOOGLE_CLOUD_PROJECT=", "K_SERVICE=safe-py"}, "answers", "metadata", "meta-project", "", true},
+		{"not on Google Cloud", []string{"GOOGLE_CLOUD_PROJECT="}, "answers", "none", "", "K_SERVICE is unset", false},
+		{"metadata server hangs", []string{"GOOGLE_CLOUD_PROJECT=", "K_SERVICE=safe-py"}, "hangs", "none", "", "did not answer with the project id within 2s", true},
+		{"metadata server absent", []string{"GOOGLE_CLOUD_PROJECT=", "K_SERVICE=safe-py"}, "absent", "none", "", "the metadata server (127.0.0.1:", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			md := testserver.FakeMetadata(t, "meta-project", tt.metadata == "hangs")
+			host := md.Host
+			if tt.metadata == "absent" {
+				host = "127.0.0.1:" + testserver.FreePort(t) // nothing listens there
+			}
+			begin := time.Now()
+			s := start(t, nil, append([]string{"GCE_METADATA_HOST=" + host}, tt.env...)...)
+			s.WaitHealthy(t)
+			// A generous bound, far below the hanging server's patience (the whole test): start-up did not wait for it.
+			if took := time.Since(begin); took > 30*time.Second {
+				t.Errorf("healthy after %s", took)
+			}
+			if asked := md.Requests() > 0; asked != tt.asked {
+				t.Errorf("metadata server asked: %v, want %v", asked, tt.asked)
+			}
+			status, _, err := post(s.URL, "def main():\n    return 1\n", map[string]string{"traceparent": traceparent})
+			if err != nil || status != 200 {
+				t.Fatalf("%d %v", status, err)
+			}
+			s.Cmd.Process.Signal(syscall.SIGTERM)
+			s.Exit(t) // all its output read
+			found := s.Entries("project for trace names")
+			if len(found) != 1 || found[0]["from"] != tt.from || found[0]["project_id"] != tt.project ||
+				!strings.Contains(fmt.Sprint(found[0]["note"]), tt.note) {
+				t.Fatalf("start-up entry %v, want from=%s project_id=%q note~%q", found, tt.from, tt.project, tt.note)
+			}
+			execs := s.Entries("execution")
+			want := any(nil)
+			if tt.project != "" {
+				want = "projects/" + tt.project + "/traces/0af7651916cd43dd8448eb211c80319c"
+			}
+			if len(execs) != 1 || execs[0]["logging.googleapis.com/trace"] != want {
+				t.Fatalf("execution entries %v, want trace %v", execs, want)
+			}
+		})
+	}
+}
+
 // If the jail cannot be made, the server never serves: it logs why, with what to do, and exits non-zero.
 func TestSelfCheckFailsClosed(t *testing.T) {
-	root, _ := filepath.Abs("../..")
+	root := testserver.Root()
 	cfg, _ := os.ReadFile(filepath.Join(root, "nsjail.cfg"))
 	broken := filepath.Join(t.TempDir(), "nsjail.cfg")
 	os.WriteFile(broken, append(cfg, []byte("\nmount { src: \"/nonexistent-safepy\" dst: \"/x\" is_bind: true }\n")...), 0o644)
@@ -261,14 +213,14 @@ func TestSelfCheckFailsClosed(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := start(t, tt.wrap, tt.env...)
-			if code := s.exit(t); code == 0 {
+			if code := s.Exit(t); code == 0 {
 				t.Fatal("the server exited 0")
 			}
-			stopped := s.entries("safe-py stopped")
+			stopped := s.Entries("safe-py stopped")
 			if len(stopped) != 1 || stopped[0]["severity"] != "ERROR" || !strings.Contains(fmt.Sprint(stopped[0]["error"]), tt.want) {
-				t.Fatalf("want an ERROR naming %q; logs:\n%s", tt.want, strings.Join(s.lines(), "\n"))
+				t.Fatalf("want an ERROR naming %q; logs:\n%s", tt.want, strings.Join(s.Lines(), "\n"))
 			}
-			if len(s.entries("serving")) != 0 {
+			if len(s.Entries("serving")) != 0 {
 				t.Fatal("it served")
 			}
 		})
@@ -278,7 +230,7 @@ func TestSelfCheckFailsClosed(t *testing.T) {
 // SIGTERM lets a running execution finish and answer, then the server exits 0 and leaves no jail behind.
 func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 	s := start(t, nil)
-	s.waitHealthy(t)
+	s.WaitHealthy(t)
 	type answer struct {
 		status int
 		body   string
@@ -287,16 +239,16 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 	got := make(chan answer, 1)
 	token := fmt.Sprintf("drain-%d", time.Now().UnixNano())
 	go func() {
-		status, body, err := post(s.url, marked(token, "time.sleep(1.5)\n    return 'finished'"), nil)
+		status, body, err := post(s.URL, marked(token, "time.sleep(1.5)\n    return 'finished'"), nil)
 		got <- answer{status, body, err}
 	}()
 	waitFor(t, func() bool { return processesWith(token) > 0 })
-	s.cmd.Process.Signal(syscall.SIGTERM)
+	s.Cmd.Process.Signal(syscall.SIGTERM)
 	a := <-got
 	if a.err != nil || a.status != 200 || !strings.Contains(a.body, `"result":"finished"`) {
 		t.Fatalf("in-flight request: %d %s %v", a.status, a.body, a.err)
 	}
-	if code := s.exit(t); code != 0 {
+	if code := s.Exit(t); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
@@ -306,23 +258,23 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 // An execution that outlives the grace period is killed, and the server still exits 0 with nothing left behind.
 func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	s := start(t, nil, "SAFEPY_SHUTDOWN_GRACE=300ms")
-	s.waitHealthy(t)
+	s.WaitHealthy(t)
 	got := make(chan error, 1)
 	token := fmt.Sprintf("outlive-%d", time.Now().UnixNano())
 	go func() {
-		_, _, err := post(s.url, marked(token, "time.sleep(60)"), nil)
+		_, _, err := post(s.URL, marked(token, "time.sleep(60)"), nil)
 		got <- err
 	}()
 	waitFor(t, func() bool { return processesWith(token) > 0 })
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	if code := s.exit(t); code != 0 {
+	s.Cmd.Process.Signal(syscall.SIGTERM)
+	if code := s.Exit(t); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	<-got
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
 	waitFor(t, func() bool { return jailProcesses(s) == 0 })
-	if len(s.entries("grace period over: killing the jails still running")) != 1 {
-		t.Fatalf("logs:\n%s", strings.Join(s.lines(), "\n"))
+	if len(s.Entries("grace period over: killing the jails still running")) != 1 {
+		t.Fatalf("logs:\n%s", strings.Join(s.Lines(), "\n"))
 	}
 }
 
@@ -337,12 +289,12 @@ func processesWith(s string) int { return len(proctree.Live(os.Getpid(), s)) }
 
 // jailProcesses counts what is left of the servers this test started: every live process in this test's tree
 // (the servers' own, and whatever they left behind, which this process adopts), less the servers themselves.
-func jailProcesses(servers ...*server) int {
+func jailProcesses(servers ...*testserver.Server) int {
 	n := 0
 	for _, p := range proctree.Live(os.Getpid(), "") {
 		own := false
 		for _, s := range servers {
-			own = own || p.PID == s.cmd.Process.Pid
+			own = own || p.PID == s.Cmd.Process.Pid
 		}
 		if !own {
 			n++
@@ -364,8 +316,8 @@ func waitFor(t *testing.T, cond func() bool) {
 // first and 100 of the second held open, a new client's health check and a trivial execution each answer promptly.
 func TestIdleAndSlowClientsDoNotStarveNewOnes(t *testing.T) {
 	s := start(t, nil, "SAFEPY_MAX_CONNS=256") // below what is held, so that making room is exercised too
-	s.waitHealthy(t)
-	addr := strings.TrimPrefix(s.url, "http://")
+	s.WaitHealthy(t)
+	addr := strings.TrimPrefix(s.URL, "http://")
 	var held []net.Conn
 	defer func() {
 		for _, c := range held {
@@ -396,13 +348,13 @@ func TestIdleAndSlowClientsDoNotStarveNewOnes(t *testing.T) {
 	// The bound is the issue's: a new client must not wait behind them. It is far above what either takes on an
 	// idle machine (milliseconds for the health check, tens for the execution).
 	client := &http.Client{Timeout: 2 * time.Second}
-	resp, err := client.Get(s.url + "/health")
+	resp, err := client.Get(s.URL + "/health")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("health check next to 300 idle and slow connections: %v", err)
 	}
 	resp.Body.Close()
 	body, _ := json.Marshal(map[string]string{"script": "def main():\n    return 1\n"})
-	resp, err = client.Post(s.url+"/execute", "application/json", strings.NewReader(string(body)))
+	resp, err = client.Post(s.URL+"/execute", "application/json", strings.NewReader(string(body)))
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("execution next to 300 idle and slow connections: %v", err)
 	}

@@ -1,13 +1,13 @@
-// Command local serves the Execute function on $PORT (default 8080), locally and in the Cloud Run image.
+// Command server is safe-py's production server: it serves the Execute function on $PORT (default 8080), in the
+// Cloud Run image and locally (`make run`).
 //
-// The function is registered with the Functions Framework in the root package's init. The framework's own Start
-// serves it with an http.Server that has no timeouts and no graceful shutdown, so this main serves the same
-// registered function from a server of its own; FUNCTION_TARGET must name it.
-//
-// Start-up: the configuration is read, logs go to stdout in Cloud Logging's format, and a self-check runs a real
-// script in the real jail before the port opens; if the jail cannot be made, it logs why and exits 1.
-// Shutdown (SIGTERM, as Cloud Run sends it, or Ctrl-C): stop accepting, let running executions finish within
-// SAFEPY_SHUTDOWN_GRACE (8 s; Cloud Run allows 10), kill the jails of any still running, exit 0.
+// Why a server of its own rather than the Functions Framework's funcframework.Start, which serves the same
+// registered function (and which the function also supports, see function.go): Start's http.Server has no
+// timeouts, no graceful shutdown and no connection cap, and it opens its port before anything checked that the
+// sandbox works. Here the start-up self-check runs a real script in the real jail before the port opens (if the
+// jail cannot be made, it logs why and exits 1); idle and slow clients cannot fill the connections; SIGTERM (as
+// Cloud Run sends it) or Ctrl-C stops accepting, lets running executions finish within SAFEPY_SHUTDOWN_GRACE (8 s;
+// Cloud Run allows 10), kills the jails of any still running, and exits 0.
 package main
 
 import (
@@ -23,45 +23,29 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy"
-	"github.com/safe-py/safepy/cloudlog"
 	"github.com/safe-py/safepy/connlimit"
 )
 
 func main() {
-	if err := run(); err != nil {
+	cfg, log, err := safepy.Configure(context.Background(), os.Stdout)
+	slog.SetDefault(log)
+	if err == nil {
+		err = run(cfg)
+	}
+	if err != nil {
 		slog.Error("safe-py stopped", "error", err.Error())
 		os.Exit(1)
 	}
 }
 
-func run() error {
-	cfg, err := safepy.ConfigFromEnv()
-	slog.SetDefault(slog.New(cloudlog.NewHandler(os.Stdout, cloudlog.Options{ProjectID: cfg.ProjectID,
-		Labels: map[string]string{"service": "safe-py"}})))
-	if err != nil {
-		return err
-	}
-	port := os.Getenv("PORT")
-	if port == "" {
-		port = "8080"
-	}
-	grace := 8 * time.Second
-	if v := os.Getenv("SAFEPY_SHUTDOWN_GRACE"); v != "" {
-		if grace, err = time.ParseDuration(v); err != nil || grace < 0 {
-			return fmt.Errorf("SAFEPY_SHUTDOWN_GRACE must be a duration such as 8s, not %q", v)
-		}
-	}
-	if target := os.Getenv("FUNCTION_TARGET"); target != "" && target != safepy.FunctionName {
-		return fmt.Errorf("FUNCTION_TARGET is %q, but this binary serves only %q", target, safepy.FunctionName)
-	}
-
-	svc, err := safepy.PrepareWith(cfg)
+func run(cfg safepy.Config) error {
+	svc, err := safepy.PrepareWith(cfg, slog.Default())
 	if err != nil {
 		return fmt.Errorf("the sandbox cannot run scripts, refusing to serve: %w", err)
 	}
 	defer svc.Close()
 
-	ln, err := net.Listen("tcp", net.JoinHostPort("", port))
+	ln, err := net.Listen("tcp", net.JoinHostPort("", cfg.Port))
 	if err != nil {
 		return err
 	}
@@ -89,16 +73,16 @@ func run() error {
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(conns.Listener(ln)) }()
-	slog.Info("serving", "port", port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
+	slog.Info("serving", "port", cfg.Port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
 
 	select {
 	case err := <-errc:
 		return err
 	case <-stop.Done():
 	}
-	slog.Info("shutting down: no new requests; running executions may finish", "grace", grace.String())
+	slog.Info("shutting down: no new requests; running executions may finish", "grace", cfg.ShutdownGrace.String())
 	svc.Drain()
-	graceCtx, cancelGrace := context.WithTimeout(context.Background(), grace)
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancelGrace()
 	if err := srv.Shutdown(graceCtx); err != nil {
 		slog.Warn("grace period over: killing the jails still running", "error", err.Error())
