@@ -148,17 +148,34 @@ const startupAllowance = time.Second
 // serverShare is the memory kept for the server itself, outside every jail.
 const serverShare = 256 << 20
 
-// warmJailsPerSlot is what the warm jails that come with a slot hold (by default one of each pool: about 9, 18 and
-// 47 MiB here, rounded up).
-const warmJailsPerSlot = 96 << 20
+// The memory set aside besides each running jail's limit, from what jails were measured to hold (TestBaseMemory,
+// and the bench's cgroup peaks):
+//   - a slot's share of the warm pools, one jail per pool (plain, numpy, numpy+pandas). Forked, a warm jail holds
+//     only the pages it did not share with its fork server, some 4-9 MiB; cold, its whole interpreter: about 9, 18
+//     and 48 MiB.
+//   - the fork servers, once: about 12, 24 and 50 MiB, and one more while a replacement starts.
+const (
+	warmForkedPerSlot = 32 << 20
+	warmColdPerSlot   = 96 << 20
+	forkServersShare  = 160 << 20
+)
+
+// memoryPlan is what the service sets aside: per slot (a jail at its limit and its share of the warm jails), and
+// once (the server's share, and the fork servers if there are any).
+func memoryPlan(jailMemory int64, forked bool) (perSlot, fixed int64) {
+	if forked {
+		return jailMemory + warmForkedPerSlot, serverShare + forkServersShare
+	}
+	return jailMemory + warmColdPerSlot, serverShare
+}
 
 // defaultSlots fits the number of jails running at once to the machine: one per CPU, so that a script's wall time
 // is a CPU's worth of time and a neighbour's busy loop cannot push it into a timeout; and no more than the memory
-// left after the server's own share holds, each slot with a jail at its limit and its warm jails.
-func defaultSlots(jailMemory, mem int64) int {
+// left after what is set aside once holds, each slot with a jail at its limit and its warm jails.
+func defaultSlots(jailMemory, mem int64, forked bool) int {
 	slots := runtime.NumCPU()
-	if mem > 0 && jailMemory > 0 {
-		if byMemory := int((mem - serverShare) / (jailMemory + warmJailsPerSlot)); byMemory < slots {
+	if perSlot, fixed := memoryPlan(jailMemory, forked); mem > 0 && jailMemory > 0 {
+		if byMemory := int((mem - fixed) / perSlot); byMemory < slots {
 			slots = byMemory
 		}
 	}

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/safe-py/safepy/sandbox"
 )
 
 // No Docker engine runs here, so the image cannot be built in CI. What can be checked is that the image installs
@@ -128,7 +130,8 @@ func TestCloudBuild(t *testing.T) {
 	if strings.Index(cb, "id: push") > strings.Index(cb, "id: deploy") {
 		t.Error("the deploy step comes before the push step")
 	}
-	// The instance must hold its slots at the jail's memory limit, plus the server's share.
+	// The instance must hold its slots at the jail's memory limit with their warm jails, plus the server's share and
+	// the fork servers.
 	sub := func(name string) string {
 		m := regexp.MustCompile(`(?m)^\s+` + name + `: "?([^"\n]+)"?$`).FindStringSubmatch(cb)
 		if m == nil {
@@ -143,10 +146,17 @@ func TestCloudBuild(t *testing.T) {
 	if strings.HasSuffix(mem, "Gi") {
 		memMiB *= 1024
 	}
-	perSlot := (268435456 + warmJailsPerSlot) >> 20
-	if slots < 1 || slots > cpus || memMiB < perSlot*slots+serverShare>>20 {
+	limits, err := sandbox.ReadLimits("nsjail.cfg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	perSlot, fixed := memoryPlan(limits.MemoryBytes, true)
+	if slots < 1 || slots > cpus || int64(memMiB)<<20 < perSlot*int64(slots)+fixed {
 		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and %d MiB per slot plus %d MiB",
-			slots, cpus, mem, perSlot, serverShare>>20)
+			slots, cpus, mem, perSlot>>20, fixed>>20)
+	}
+	if int64(memMiB)<<20 >= perSlot*int64(slots+1)+fixed && slots < cpus {
+		t.Errorf("%s holds %d slots, but only %d are used", mem, slots+1, slots)
 	}
 }
 

@@ -59,7 +59,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	mem := availableMemory()
 	if cfg.Slots <= 0 {
-		cfg.Slots = defaultSlots(limits.MemoryBytes, mem)
+		// Sized for the path the configuration asks for; a host that refuses fork servers runs cold, with warm
+		// jails that hold more (the start-up log says which path is in use).
+		cfg.Slots = defaultSlots(limits.MemoryBytes, mem, cfg.Sandbox.ForkServers && cfg.Sandbox.PoolSize != 0)
 	}
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
@@ -105,6 +107,9 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 
 // Drain makes /health answer 503 from now on: the server is shutting down and takes no new work.
 func (s *Service) Drain() { s.ready.Store(false) }
+
+// JailPath says how jails are made: "forked" from fork servers, or "cold".
+func (s *Service) JailPath() string { return s.runner.Info().Path }
 
 // QueueWait is the longest a request waits for a slot.
 func (s *Service) QueueWait() time.Duration { return s.gate.Wait() }

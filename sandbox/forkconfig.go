@@ -16,7 +16,9 @@ import (
 //   - its /proc is writable (a child writes its own uid_map through it) and carries none of the fixed texts (the
 //     kernel lets a user namespace mount a new /proc only where the old one is fully visible);
 //   - its writable tmpfs mounts (/sandbox, /tmp, /dev/shm) are small read-only placeholders: each child mounts
-//     its own over them.
+//     its own over them;
+//   - the fixed texts that cover /proc's files are files in its root at /safepy/mask/N (written by the server,
+//     mounted read-only), for each child to bind over its own /proc's files.
 //
 // What a child mounts, and every other property of its jail, is the childPlan, also derived from nsjail.cfg:
 // nothing of a jail's definition is written down twice.
@@ -35,9 +37,9 @@ type childPlan struct {
 
 type childMount struct {
 	Dst       string `json:"dst"`
-	Kind      string `json:"kind"` // proc, tmpfs, or content: a fixed text bound over a file
+	Kind      string `json:"kind"` // proc, tmpfs, or bind: Src (a fixed text nsjail put in the fork server's root) bound read-only over Dst
+	Src       string `json:"src,omitempty"`
 	Options   string `json:"options,omitempty"`
-	Content   string `json:"content,omitempty"`
 	RW        bool   `json:"rw"`
 	Mandatory bool   `json:"mandatory"`
 }
@@ -49,6 +51,7 @@ const placeholderOptions = "size=4096,nr_inodes=4,mode=0755"
 type forkDerivation struct {
 	config string // the fork server's nsjail config
 	mounts []childMount
+	masks  []string // the fixed texts, in the order of their files in /safepy/mask
 	gid    int
 }
 
@@ -83,7 +86,12 @@ func deriveForkServer(cfg *textMessage) (forkDerivation, error) {
 				out.fields = append(out.fields, textField{name: "mount", msg: withScalars(m, map[string]string{"rw": "true"})})
 				continue
 			case strings.HasPrefix(dst, "/proc/") && hasContent:
-				d.mounts = append(d.mounts, childMount{Dst: dst, Kind: "content", Content: content, RW: rw, Mandatory: mandatory})
+				if rw {
+					return d, fmt.Errorf("mount of %s: a fixed text over a /proc file must be read-only", dst)
+				}
+				d.masks = append(d.masks, content)
+				src := fmt.Sprintf("/safepy/mask/%d", len(d.masks)-1)
+				d.mounts = append(d.mounts, childMount{Dst: dst, Kind: "bind", Src: src, Mandatory: mandatory})
 				continue
 			case fstype == "tmpfs":
 				opts, _ := m.scalar("options")

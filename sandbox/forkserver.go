@@ -104,6 +104,15 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 	if err := os.WriteFile(scriptPath, forkServerSource, 0o444); err != nil {
 		return nil, err
 	}
+	maskDir := filepath.Join(r.harnessDir, "mask")
+	if err := os.Mkdir(maskDir, 0o755); err != nil {
+		return nil, err
+	}
+	for i, text := range d.masks {
+		if err := os.WriteFile(filepath.Join(maskDir, strconv.Itoa(i)), []byte(text), 0o444); err != nil {
+			return nil, err
+		}
+	}
 	plan := r.newChildPlan(cfg, d, program)
 	planJS, err := json.Marshal(plan)
 	if err != nil {
@@ -114,6 +123,7 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 		"--pass_fd", "3",
 		"--time_limit", "0", "--rlimit_cpu", "inf",
 		"--bindmount_ro", scriptPath+":/safepy/forkserver.py",
+		"--bindmount_ro", maskDir+":/safepy/mask",
 		// The whole block of uids: a child becomes the request's own (jailUID + its offset in the block) before it
 		// makes its user namespace. The fork server itself is the block's first uid, which no jail is given.
 		"--user", fmt.Sprintf("%d:%d:%d", jailUID, r.uids.base, uidBlockSize),

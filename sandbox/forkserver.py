@@ -41,6 +41,8 @@ MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 0x4000, 1 << 1
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 SYS_CAPSET = 126
+with open("/proc/sys/kernel/cap_last_cap") as f:
+    LAST_CAP = int(f.read())
 
 
 class SetupError(Exception):
@@ -164,24 +166,15 @@ def mount(source, target, fstype, flags, data=None):
 
 def build_jail(plan):
     check(mount(None, "/", None, MS_REC | MS_PRIVATE), "making mounts private")
-    # A scratch tmpfs on /tmp holds the fixed texts until they are bound over /proc's files; they are unlinked
-    # once bound, and the jail's own /tmp is mounted over the scratch one.
-    check(mount("tmpfs", "/tmp", "tmpfs", 0, "size=1048576,nr_inodes=256,mode=0700"), "scratch tmpfs")
-    for i, m in enumerate(plan["mounts"]):
+    for m in plan["mounts"]:
         ro = 0 if m["rw"] else MS_RDONLY
         kind, dst = m["kind"], m["dst"]
         if kind == "proc":
             r = mount("proc", dst, "proc", ro)
         elif kind == "tmpfs":
             r = mount("tmpfs", dst, "tmpfs", ro, m["options"])
-        else:  # a fixed text over a file
-            scratch = "/tmp/.safepy-%d" % i
-            with open(scratch, "w") as f:
-                f.write(m["content"])
-            r = mount(scratch, dst, None, MS_BIND)
-            if r == 0 and ro:
-                r = mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-            os.unlink(scratch)
+        else:  # a fixed text over a file; read-only, as the mount it is bound from
+            r = mount(m["src"], dst, None, MS_BIND)
         if r != 0 and m["mandatory"]:
             check(r, "mounting %s" % dst)
     check(libc.sethostname(plan["hostname"].encode(), len(plan["hostname"])), "sethostname")
@@ -189,8 +182,8 @@ def build_jail(plan):
 
 
 def drop_privileges(seccomp_hex):
-    for cap in range(64):
-        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: ignored
+    for cap in range(LAST_CAP + 1):
+        check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "dropping capability %d" % cap)
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
     class Header(ctypes.Structure):

@@ -150,7 +150,7 @@ func TestReadOnlyOutsideSandboxAndTmp(t *testing.T) {
 def main():
     out = {}
     for p in ("/x", "/usr/local/evil.py", os.__file__, "/usr/lib/x86_64-linux-gnu/x",
-              "/safepy/harness.py", "/proc/sys/kernel/hostname", "/dev/null2", "/sandbox/ok", "/tmp/ok", "/dev/shm/ok"):
+              "/safepy/harness.py", "/proc/sys/kernel/hostname", "/proc/loadavg", "/proc/stat", "/dev/null2", "/sandbox/ok", "/tmp/ok", "/dev/shm/ok"):
         try:
             with open(p, "a") as f:
                 f.write("x")

@@ -255,11 +255,16 @@ func (r *Runner) Info() Info {
 func (r *Runner) Limits() Limits { return r.limits }
 
 // takeWarm takes a warm jail for the script: from the smallest pool that has every preloaded module the script
-// names anywhere in its source, or failing that from a smaller one (which still saves starting the interpreter).
-// The choice is a hint for speed only: every pool's jail is the same jail, and a script that imports pandas in a
-// plain jail simply imports it itself.
+// names anywhere in its source. The choice is a hint for speed only: every pool's jail is the same jail, and a
+// script that imports pandas in a plain jail simply imports it itself. Without fork servers, an empty pool's
+// request takes a smaller pool's jail (which still saves starting the interpreter); with them, forking the right
+// jail on the spot is faster than importing what the smaller one lacks.
 func (r *Runner) takeWarm(script []byte) *jail {
-	for i := r.preloadIndex(script); i >= 0; i-- {
+	want := r.preloadIndex(script)
+	for i := want; i >= 0; i-- {
+		if r.forks != nil && i < want {
+			break
+		}
 		if j := r.pools[i].take(); j != nil {
 			return j
 		}

@@ -2,12 +2,16 @@
 // pandas), side by side in one run with the floor under it:
 //
 //   - floor:        the same scripts run directly in nsjail, with the same config and command line, no service;
-//   - service cold: the service over loopback HTTP with its warm-jail pools off (SAFEPY_POOL_SIZE=0);
-//   - service warm: the service over loopback HTTP with its default pools.
+//   - service cold: the service over loopback HTTP with its fork servers and warm-jail pools off
+//     (SAFEPY_POOL_SIZE=0): every request starts a fresh nsjail;
+//   - service, no fork servers: the service with SAFEPY_FORK_SERVERS=off, as the release before fork servers ran:
+//     warm pools refilled by starting and preloading a fresh nsjail each, cold jails otherwise;
+//   - service:      the service over loopback HTTP as it runs by default: jails forked from fork servers, warm
+//     pools refilled by fork.
 //
 // Each is measured at concurrency 1 with one request every -pace (a light load, which the pools can keep up with),
 // at concurrency 1 back to back, and at concurrency 4 back to back (throughput). It prints p50, p95 and requests
-// per second, and writes an SVG chart. The three take turns, in rounds, each turn starting and ending at rest, so
+// per second, the memory a request's jail held at its peak (its cgroup's), and writes an SVG chart. The three take turns, in rounds, each turn starting and ending at rest, so
 // that the machine's other load weighs on all alike. Everything runs in this process and talks to 127.0.0.1 only.
 //
 //	go run ./cmd/bench -svg docs/bench.svg
@@ -15,6 +19,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -44,6 +49,52 @@ type scenario struct {
 type result struct {
 	p50, p95 time.Duration
 	rps      float64
+	failed   int
+	peak     int64 // median of the jails' peak memory, from the service's execution log
+	forked   int   // requests whose jail was forked
+}
+
+// peaks records, from the service's execution log entries, each jail's peak memory and whether it was forked.
+type peaks struct {
+	mu     sync.Mutex
+	bytes  []int64
+	forked int
+}
+
+func (p *peaks) Enabled(context.Context, slog.Level) bool { return true }
+func (p *peaks) WithAttrs([]slog.Attr) slog.Handler       { return p }
+func (p *peaks) WithGroup(string) slog.Handler            { return p }
+func (p *peaks) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "execution" {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "jail_peak_bytes":
+			p.bytes = append(p.bytes, a.Value.Int64())
+		case "forked":
+			if a.Value.Bool() {
+				p.forked++
+			}
+		}
+		return true
+	})
+	return nil
+}
+
+// take returns the median peak and the forked count since the last take.
+func (p *peaks) take() (int64, int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	b, f := p.bytes, p.forked
+	p.bytes, p.forked = nil, 0
+	if len(b) == 0 {
+		return 0, f
+	}
+	sort.Slice(b, func(i, j int) bool { return b[i] < b[j] })
+	return b[len(b)/2], f
 }
 
 func main() {
@@ -70,18 +121,20 @@ func run(n int, pace time.Duration, svgPath string) error {
 	if err != nil {
 		return err
 	}
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	targets := []string{"floor", "service cold", "service warm"}
+	targets := []string{"floor", "service cold", "no fork servers", "service"}
 	type runner struct {
 		do     func([]byte) error
 		settle func() // waits until the target is at rest: nothing running in the background
 		done   func()
+		peaks  *peaks // nil for the floor, which has no cgroup
 	}
 	runners := map[string]runner{}
 	for _, target := range targets {
 		switch target {
 		case "floor":
-			r, err := sandbox.New(cfg.Sandbox)
+			c := cfg.Sandbox
+			c.PoolSize = 0
+			r, err := sandbox.New(c)
 			if err != nil {
 				return err
 			}
@@ -89,15 +142,22 @@ func run(n int, pace time.Duration, svgPath string) error {
 			if err != nil {
 				return err
 			}
-			runners[target] = runner{func(script []byte) error { return floor(path, args, script) }, func() {}, func() { r.Close() }}
+			runners[target] = runner{func(script []byte) error { return floor(path, args, script) }, func() {}, func() { r.Close() }, nil}
 		default:
 			c := cfg
-			if target == "service cold" {
+			switch target {
+			case "service cold":
 				c.Sandbox.PoolSize = 0
+			case "no fork servers":
+				c.Sandbox.ForkServers = false
 			}
-			svc, err := safepy.NewService(c, quiet)
+			pk := &peaks{}
+			svc, err := safepy.NewService(c, slog.New(pk))
 			if err != nil {
 				return err
+			}
+			if target == "service" && svc.JailPath() != "forked" {
+				return fmt.Errorf("the service has no fork servers on this host")
 			}
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -115,7 +175,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 				}
 			}
 			runners[target] = runner{func(script []byte) error { return post(client, url, script) }, settle,
-				func() { srv.Close(); svc.Close() }}
+				func() { srv.Close(); svc.Close() }, pk}
 		}
 		defer runners[target].done()
 	}
@@ -143,24 +203,37 @@ func run(n int, pace time.Duration, svgPath string) error {
 			turn.requests = max(sc.requests/rounds, 1)
 			lat := map[string][]time.Duration{}
 			spent := map[string]time.Duration{}
+			failed := map[string]int{}
+			for _, target := range targets {
+				if pk := runners[target].peaks; pk != nil {
+					pk.take()
+				}
+			}
 			for round := 0; round < rounds; round++ {
 				for _, target := range targets {
 					rn := runners[target]
 					rn.settle()
-					l, elapsed, err := measure(rn.do, body, turn)
-					if err != nil {
-						return fmt.Errorf("%s %s %s: %w", target, ex.Name, sc.name, err)
+					l, elapsed, errs := measure(rn.do, body, turn)
+					for i, err := range errs {
+						if i < 3 {
+							fmt.Fprintf(os.Stderr, "%s %s %s: %v\n", target, ex.Name, sc.name, err)
+						}
 					}
 					rn.settle()
 					lat[target] = append(lat[target], l...)
 					spent[target] += elapsed
+					failed[target] += len(errs)
 				}
 			}
 			for _, target := range targets {
 				res := summarize(lat[target], spent[target])
+				res.failed = failed[target]
+				if pk := runners[target].peaks; pk != nil {
+					res.peak, res.forked = pk.take()
+				}
 				results[target][ex.Name][sc.name] = res
-				fmt.Fprintf(os.Stderr, "%-13s %-7s %-32s p50 %6.1f ms  p95 %6.1f ms  %6.1f req/s\n",
-					target, ex.Name, sc.name, msf(res.p50), msf(res.p95), res.rps)
+				fmt.Fprintf(os.Stderr, "%-13s %-7s %-32s p50 %6.1f ms  p95 %6.1f ms  %6.1f req/s  peak %5.1f MiB  forked %d  failed %d\n",
+					target, ex.Name, sc.name, msf(res.p50), msf(res.p95), res.rps, float64(res.peak)/(1<<20), res.forked, res.failed)
 			}
 		}
 	}
@@ -177,11 +250,12 @@ func run(n int, pace time.Duration, svgPath string) error {
 
 func msf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// measure sends sc.requests scripts at sc.concurrency and returns each latency and the time it all took.
-func measure(do func([]byte) error, script []byte, sc scenario) ([]time.Duration, time.Duration, error) {
+// measure sends sc.requests scripts at sc.concurrency and returns each latency, the time it all took, and the
+// failures.
+func measure(do func([]byte) error, script []byte, sc scenario) ([]time.Duration, time.Duration, []error) {
 	var mu sync.Mutex
 	var lat []time.Duration
-	var firstErr error
+	var errs []error
 	jobs := make(chan struct{})
 	var wg sync.WaitGroup
 	begin := time.Now()
@@ -195,8 +269,8 @@ func measure(do func([]byte) error, script []byte, sc scenario) ([]time.Duration
 				d := time.Since(t)
 				mu.Lock()
 				lat = append(lat, d)
-				if err != nil && firstErr == nil {
-					firstErr = err
+				if err != nil {
+					errs = append(errs, err)
 				}
 				mu.Unlock()
 			}
@@ -212,7 +286,7 @@ func measure(do func([]byte) error, script []byte, sc scenario) ([]time.Duration
 	}
 	close(jobs)
 	wg.Wait()
-	return lat, time.Since(begin), firstErr
+	return lat, time.Since(begin), errs
 }
 
 func summarize(lat []time.Duration, spent time.Duration) result {
@@ -289,22 +363,39 @@ func report(w io.Writer, targets []string, scenarios []scenario, results map[str
 			fmt.Fprintln(w)
 		}
 	}
-	paced, c4 := scenarios[0].name, scenarios[2].name
-	warm := results["service warm"]
-	fmt.Fprintf(w, "\nTargets, measured above in this one run:\n")
-	fmt.Fprintf(w, "  warm pandas p50 / warm hello p50 (%s): %.2fx (target <= 1.5x)\n", paced,
-		msf(warm["pandas"][paced].p50)/msf(warm["hello"][paced].p50))
-	fmt.Fprintf(w, "  warm hello p50 / floor hello p50 (%s): %.2fx (target <= 1.3x)\n", paced,
-		msf(warm["hello"][paced].p50)/msf(results["floor"]["hello"][paced].p50))
+	paced, b2b, c4 := scenarios[0].name, scenarios[1].name, scenarios[2].name
+	svc, cold, fl := results["service"], results["service cold"], results["floor"]
+	fmt.Fprintf(w, "\nMemory a request's jail held at its peak (its cgroup's; median), MiB:\n")
 	for _, ex := range workload.Examples {
-		fmt.Fprintf(w, "  warm / cold req/s at %s, %s: %.2fx (target >= 1x)\n", c4, ex.Name,
-			warm[ex.Name][c4].rps/results["service cold"][ex.Name][c4].rps)
+		fmt.Fprintf(w, "  %-7s service cold %6.1f   service %6.1f (forked jails hold only what they did not share with their fork server)\n",
+			ex.Name, float64(cold[ex.Name][b2b].peak)/(1<<20), float64(svc[ex.Name][b2b].peak)/(1<<20))
 	}
+	failed := 0
+	for _, t := range targets {
+		for _, ex := range workload.Examples {
+			for _, sc := range scenarios {
+				failed += results[t][ex.Name][sc.name].failed
+			}
+		}
+	}
+	fmt.Fprintf(w, "\nTargets, measured above in this one run:\n")
+	fmt.Fprintf(w, "  pandas req/s at %s, service / service cold: %.1fx (target >= 8x)\n", c4,
+		svc["pandas"][c4].rps/cold["pandas"][c4].rps)
+	fmt.Fprintf(w, "  service pandas p50 / service hello p50 (%s): %.2fx (target <= 1.5x)\n", b2b,
+		msf(svc["pandas"][b2b].p50)/msf(svc["hello"][b2b].p50))
+	fmt.Fprintf(w, "  service hello p50 / floor hello p50 (%s): %.2fx (target <= 0.5x)\n", b2b,
+		msf(svc["hello"][b2b].p50)/msf(fl["hello"][b2b].p50))
+	nofork := results["no fork servers"]
+	for _, ex := range workload.Examples {
+		fmt.Fprintf(w, "  %s p50 (%s): service %.1f ms, no fork servers %.1f ms (target: no worse than without)\n", ex.Name,
+			paced, msf(svc[ex.Name][paced].p50), msf(nofork[ex.Name][paced].p50))
+	}
+	fmt.Fprintf(w, "  failed requests, all targets and scenarios: %d (target 0)\n", failed)
 }
 
 // chart draws p50 latency at concurrency 1 (paced) and requests per second at concurrency 4, per example and target.
 func chart(targets []string, scenarios []scenario, results map[string]map[string]map[string]result) []byte {
-	colors := map[string]string{"floor": "#9e9e9e", "service cold": "#e57373", "service warm": "#43a047"}
+	colors := map[string]string{"floor": "#9e9e9e", "service cold": "#e57373", "no fork servers": "#ffb74d", "service": "#43a047"}
 	var b strings.Builder
 	const width, height, panelW = 900, 380, 420
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
