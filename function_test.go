@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/sandbox"
+	"github.com/safe-py/safepy/workload"
 )
 
 // These tests serve the registered function itself (Execute) over real HTTP, with the real sandbox behind it.
@@ -350,7 +352,10 @@ func TestConcurrentRequestsStayApart(t *testing.T) {
 		go func(i int) {
 			defer wg.Done()
 			_, _, body, err := postTo(context.Background(), ts.URL, scriptBody(fmt.Sprintf("import os\ndef main():\n    open('/sandbox/f', 'a').write('%d')\n    print(%d)\n    return open('/sandbox/f').read()\n", i, i)))
-			if want := fmt.Sprintf(`{"result":"%d","stdout":"%d\n"}`+"\n", i, i); err != nil || string(body) != want {
+			// The file it wrote comes back too: its own, with its own digit.
+			want := fmt.Sprintf(`{"result":"%d","stdout":"%d\n","files":[{"path":"f","size":1,"content":"%s"}]}`+"\n",
+				i, i, base64.StdEncoding.EncodeToString([]byte(fmt.Sprint(i))))
+			if err != nil || string(body) != want {
 				errs <- fmt.Errorf("request %d: %s %v", i, body, err)
 			}
 		}(i)
@@ -444,4 +449,123 @@ func brokenRunner(t *testing.T, c Config) *sandbox.Runner {
 	t.Cleanup(func() { r.Close() })
 	os.Remove(fake)
 	return r
+}
+
+func filesBody(script string, files ...any) string {
+	b, _ := json.Marshal(map[string]any{"script": script, "files": files})
+	return string(b)
+}
+
+func fileEntry(path string, data []byte) map[string]string {
+	return map[string]string{"path": path, "content": base64.StdEncoding.EncodeToString(data)}
+}
+
+// Every bad files entry is a 400 ValidationError that names the entry, and nothing runs.
+func TestFilesValidation(t *testing.T) {
+	script := "def main():\n    open('/tmp/ran', 'w')\n    return 1\n"
+	ok := fileEntry("a.csv", []byte("x"))
+	many := make([]any, 65)
+	for i := range many {
+		many[i] = fileEntry(fmt.Sprintf("f%d", i), nil)
+	}
+	tests := []struct {
+		name, body, message string
+	}{
+		{"absolute path", filesBody(script, ok, fileEntry("/etc/passwd", nil)), `files[1] ("/etc/passwd"): the path must be relative`},
+		{"a .. component", filesBody(script, fileEntry("data/../../x", nil)), `files[0] ("data/../../x"): the path has a ".." component`},
+		{"empty path", filesBody(script, fileEntry("", nil)), `files[0] (""): the path is empty`},
+		{"duplicate", filesBody(script, ok, fileEntry("b", nil), ok), `files[2] ("a.csv"): the path is the same as that of entry 0`},
+		{"file and directory", filesBody(script, ok, fileEntry("a.csv/x", nil)), `files[1] ("a.csv/x"): the path is below entry 0's`},
+		{"bad base64", filesBody(script, map[string]string{"path": "a", "content": "not base64!"}), `files[0] ("a"): 'content' is not valid base64`},
+		{"missing content", filesBody(script, map[string]string{"path": "a"}), `files[0] ("a") has no 'content'`},
+		{"missing path", filesBody(script, map[string]string{"content": ""}), `files[0] has no 'path'`},
+		{"content not a string", filesBody(script, map[string]any{"path": "a", "content": 5}), `files[0] ("a"): 'content' must be a string`},
+		{"unknown field", filesBody(script, map[string]string{"path": "a", "content": "", "mode": "0777"}), `files[0] ("a") has an unknown field "mode"`},
+		{"not an object", filesBody(script, "a.csv"), `files[0] must be an object`},
+		{"not an array", `{"script":"def main(): pass","files":{"a":"b"}}`, `'files' must be an array`},
+		{"more than 64", filesBody(script, many...), `'files' has 65 entries, more than 64`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := post(t, tt.body)
+			var e struct {
+				Error  apiError `json:"error"`
+				Stdout *string  `json:"stdout"`
+			}
+			json.Unmarshal(r.body, &e)
+			if r.status != 400 || e.Error.Type != "ValidationError" || !strings.Contains(e.Error.Message, tt.message) || e.Stdout != nil {
+				t.Fatalf("got %d %s, want 400 ValidationError %q", r.status, r.body, tt.message)
+			}
+		})
+	}
+}
+
+// Over HTTP: binary input files arrive byte for byte, output files come back in base64 with their sizes, sorted,
+// with stderr when the script wrote some; a plot comes back as a PNG.
+func TestFilesOverHTTP(t *testing.T) {
+	var all []byte
+	for i := 0; i < 256; i++ {
+		all = append(all, byte(i))
+	}
+	r := post(t, filesBody(`import sys
+def main():
+    data = open("in/all.bin", "rb").read()
+    open("out.bin", "wb").write(data[::-1])
+    print("warning", file=sys.stderr)
+    return len(data)
+`, fileEntry("in/all.bin", all)))
+	var ok struct {
+		Result json.RawMessage `json:"result"`
+		Stdout string          `json:"stdout"`
+		Stderr string          `json:"stderr"`
+		Files  []struct {
+			Path    string `json:"path"`
+			Size    int    `json:"size"`
+			Content string `json:"content"`
+		} `json:"files"`
+	}
+	if err := json.Unmarshal(r.body, &ok); err != nil || r.status != 200 {
+		t.Fatalf("%d %s", r.status, r.body)
+	}
+	if string(ok.Result) != "256" || ok.Stderr != "warning\n" || len(ok.Files) != 1 || ok.Files[0].Path != "out.bin" || ok.Files[0].Size != 256 {
+		t.Fatalf("answer %s", r.body)
+	}
+	if b, _ := base64.StdEncoding.DecodeString(ok.Files[0].Content); len(b) != 256 || b[0] != 255 || b[255] != 0 {
+		t.Fatalf("out.bin %v", b)
+	}
+	if !bytes.HasSuffix(r.body, []byte(`"stderr":"warning\n","files":[{"path":"out.bin","size":256,"content":"`+ok.Files[0].Content+`"}]}`+"\n")) {
+		t.Fatalf("field order: %s", r.body)
+	}
+
+	r = post(t, filesBody(workload.Plot.Source, fileEntry("data.csv", []byte(workload.PlotCSV))))
+	json.Unmarshal(r.body, &ok)
+	if r.status != 200 || len(ok.Files) != 1 || ok.Files[0].Path != "plot.png" {
+		t.Fatalf("plot: %d %s", r.status, r.body[:min(len(r.body), 300)])
+	}
+	if png, _ := base64.StdEncoding.DecodeString(ok.Files[0].Content); !bytes.HasPrefix(png, []byte("\x89PNG\r\n\x1a\n")) {
+		t.Fatal("plot.png is not a PNG")
+	}
+}
+
+// A request without files, whose script writes nothing to stderr and leaves no file, gets exactly the answer it got
+// before files and stderr existed: the contract's examples, byte for byte, and an error's shape.
+func TestAnswersUnchangedByteForByte(t *testing.T) {
+	for _, tt := range []struct{ body, want string }{
+		{`{"script":"def main():\n    print('hello')\n    return {'ok': True}\n"}`, `{"result":{"ok":true},"stdout":"hello\n"}` + "\n"},
+		{`{"script":"def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n"}`, `{"result":{"sum":6},"stdout":"[0 1 2]\n"}` + "\n"},
+		{`{"script":"def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n"}`, `{"result":{"rows":3},"stdout":"['bin', 'dev', 'lib', 'lib64', 'proc']\n"}` + "\n"},
+		{`{}`, `{"error":{"type":"ValidationError","message":"missing 'script' field"}}` + "\n"},
+		{`{"script":"def main():\n    print('x')\n    raise ValueError('v')\n"}`, ""},
+	} {
+		r := post(t, tt.body)
+		if tt.want == "" {
+			if bytes.Contains(r.body, []byte(`"stderr"`)) || bytes.Contains(r.body, []byte(`"files"`)) {
+				t.Errorf("an error without stderr or files carries them: %s", r.body)
+			}
+			continue
+		}
+		if string(r.body) != tt.want {
+			t.Errorf("body\n  %q\nwant\n  %q", r.body, tt.want)
+		}
+	}
 }

@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/safe-py/safepy/sandbox"
 )
 
 // FuzzDecodeRequest: whatever the body, decoding either yields a script the contract allows (exactly the string
@@ -15,7 +17,9 @@ import (
 func FuzzDecodeRequest(f *testing.F) {
 	for _, seed := range []string{`{"script":"def main(): pass"}`, `{}`, `[]`, `{"script":1}`, `{"script":""}`,
 		`{"script":"x","a":1}`, `{"script":"\ud800"}`, `{"script":"x"} x`, "\xff", `{"script":"x"}` + "\n",
-		`{"script":"x","script":"y"}`, `{"script":"\ud83d\ude00"}`, `{"script":"\\ud800"}`} {
+		`{"script":"x","script":"y"}`, `{"script":"\ud83d\ude00"}`, `{"script":"\\ud800"}`,
+		`{"script":"x","files":[{"path":"a/b","content":"aGk="}]}`, `{"script":"x","files":[{"path":"../a","content":""}]}`,
+		`{"script":"x","files":[{"path":"a","content":"!"}]}`, `{"script":"x","files":{}}`} {
 		f.Add([]byte(seed))
 	}
 	const maxBody, maxScript = 256, 64
@@ -43,8 +47,11 @@ func FuzzDecodeRequest(f *testing.F) {
 			t.Fatalf("accepted a body the strict check refuses (%v): %q", err, body)
 		}
 		var fields map[string]json.RawMessage
-		if err := json.Unmarshal(body, &fields); err != nil || len(fields) != 1 {
-			t.Fatalf("accepted a body that is not an object with one field: %q", body)
+		if err := json.Unmarshal(body, &fields); err != nil || len(fields) != 1+len(fields["files"][:min(len(fields["files"]), 1)]) {
+			t.Fatalf("accepted a body that is not an object of 'script' and perhaps 'files': %q", body)
+		}
+		if _, err := sandbox.CheckFiles(req.Files); err != nil {
+			t.Fatalf("accepted files the sandbox refuses (%v): %q", err, body)
 		}
 		var s string
 		if err := json.Unmarshal(fields["script"], &s); err != nil || s != string(script) {

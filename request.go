@@ -2,6 +2,7 @@ package safepy
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +11,8 @@ import (
 	"strconv"
 	"time"
 	"unicode/utf8"
+
+	"github.com/safe-py/safepy/sandbox"
 )
 
 // maxDiscard bounds what the server reads and throws away of a body over its cap, so that a client that writes
@@ -20,11 +23,12 @@ const maxDiscard = 16 << 20
 // executeRequest is a decoded, validated body of POST /execute.
 type executeRequest struct {
 	Script []byte
+	Files  []sandbox.File
 }
 
 // decodeRequest reads a request body strictly: valid UTF-8, one JSON object with no duplicate keys and no lone
-// surrogate escapes (which a decoder would silently replace), whose only field is a non-empty string "script".
-// The script that runs is exactly the one that was sent, or nothing runs.
+// surrogate escapes (which a decoder would silently replace), with a non-empty string "script" and optionally
+// "files". The script that runs, and the files it finds, are exactly the ones that were sent, or nothing runs.
 func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript int) (executeRequest, int, *apiError) {
 	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
 		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
@@ -63,8 +67,8 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScr
 		return invalid(http.StatusBadRequest, "request body must be a JSON object")
 	}
 	for name := range fields {
-		if name != "script" {
-			return invalid(http.StatusBadRequest, "unknown field %q; the only field is 'script'", name)
+		if name != "script" && name != "files" {
+			return invalid(http.StatusBadRequest, "unknown field %q; the fields are 'script' and 'files'", name)
 		}
 	}
 	raw, ok := fields["script"]
@@ -81,7 +85,63 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScr
 	if len(script) > maxScript {
 		return invalid(http.StatusRequestEntityTooLarge, "'script' is over the limit of %d bytes of UTF-8", maxScript)
 	}
-	return executeRequest{Script: []byte(script)}, 0, nil
+	var files []sandbox.File
+	if raw, ok := fields["files"]; ok {
+		var msg string
+		if files, msg = decodeFiles(raw); msg != "" {
+			return invalid(http.StatusBadRequest, "%s", msg)
+		}
+	}
+	return executeRequest{Script: []byte(script), Files: files}, 0, nil
+}
+
+// decodeFiles reads the request's files: an array of at most sandbox.MaxFiles objects, each exactly a relative
+// "path" and a "content" in standard base64. What is wrong is said of the entry, by index and path.
+func decodeFiles(raw json.RawMessage) ([]sandbox.File, string) {
+	var entries []json.RawMessage
+	if len(raw) == 0 || raw[0] != '[' || json.Unmarshal(raw, &entries) != nil {
+		return nil, "'files' must be an array of {\"path\", \"content\"} objects"
+	}
+	if len(entries) > sandbox.MaxFiles {
+		return nil, fmt.Sprintf("'files' has %d entries, more than %d", len(entries), sandbox.MaxFiles)
+	}
+	files := make([]sandbox.File, len(entries))
+	for i, e := range entries {
+		var fields map[string]json.RawMessage
+		if len(e) == 0 || e[0] != '{' || json.Unmarshal(e, &fields) != nil {
+			return nil, fmt.Sprintf("files[%d] must be an object with 'path' and 'content'", i)
+		}
+		var path, content string
+		rawPath, ok := fields["path"]
+		if !ok {
+			return nil, fmt.Sprintf("files[%d] has no 'path'", i)
+		}
+		if len(rawPath) == 0 || rawPath[0] != '"' || json.Unmarshal(rawPath, &path) != nil {
+			return nil, fmt.Sprintf("files[%d]: 'path' must be a string", i)
+		}
+		name := fmt.Sprintf("files[%d] (%s)", i, strconv.Quote(clip(path, 100)))
+		for k := range fields {
+			if k != "path" && k != "content" {
+				return nil, fmt.Sprintf("%s has an unknown field %q; the fields are 'path' and 'content'", name, k)
+			}
+		}
+		rawContent, ok := fields["content"]
+		if !ok {
+			return nil, fmt.Sprintf("%s has no 'content'", name)
+		}
+		if len(rawContent) == 0 || rawContent[0] != '"' || json.Unmarshal(rawContent, &content) != nil {
+			return nil, fmt.Sprintf("%s: 'content' must be a string of base64", name)
+		}
+		data, err := base64.StdEncoding.DecodeString(content)
+		if err != nil {
+			return nil, fmt.Sprintf("%s: 'content' is not valid base64 (standard alphabet, with padding)", name)
+		}
+		files[i] = sandbox.File{Path: path, Data: data}
+	}
+	if i, err := sandbox.CheckFiles(files); err != nil {
+		return nil, fmt.Sprintf("files[%d] (%s): %s", i, strconv.Quote(clip(files[i].Path, 100)), err.Error())
+	}
+	return files, ""
 }
 
 // discard reads and drops up to n bytes of body, for at most a few seconds.

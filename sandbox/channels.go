@@ -97,13 +97,14 @@ func (s *stream) now() ([]byte, bool) {
 	return s.get()
 }
 
-// resultRead is what arrived on the result channel: the start byte, then one frame, kind + 8-byte big-endian
-// length + payload.
+// resultRead is what arrived on the result channel: the start byte, then at most one files frame (kind 'F'), then
+// one result frame; a frame is its kind byte, the payload's length (8 bytes, big-endian) and the payload.
 type resultRead struct {
 	started   bool
-	frame     []byte // the kind byte and as much of the payload as was read
-	complete  bool   // the whole frame arrived, or its header said it is over the cap
+	frame     []byte // the result frame's kind byte and as much of its payload as was read
+	complete  bool   // the whole result frame arrived, or its header said it is over the cap
 	truncated bool   // the header said the payload is longer than the cap; it was not read
+	files     []byte // the files frame's payload, if one came whole
 }
 
 // readResultAsync reads the result channel: the start byte (closing started when it arrives), then one frame.
@@ -122,20 +123,34 @@ func readResult(r io.Reader, started chan<- struct{}, max int) resultRead {
 	}
 	res.started = true
 	close(started)
-	header := make([]byte, 9)
-	n, _ := io.ReadFull(r, header)
-	res.frame = header[:min(n, 1)]
-	if n < len(header) {
+	for frames := 0; ; frames++ {
+		header := make([]byte, 9)
+		n, _ := io.ReadFull(r, header)
+		res.frame = header[:min(n, 1)]
+		if n < len(header) {
+			return res
+		}
+		size := binary.BigEndian.Uint64(header[1:])
+		if header[0] == 'F' && frames == 0 {
+			if size > maxFilesFrame { // the harness never sends one: the script forged it
+				res.complete, res.truncated = true, true
+				return res
+			}
+			payload := make([]byte, size)
+			if n, _ := io.ReadFull(r, payload); n != len(payload) {
+				return res
+			}
+			res.files = payload
+			continue
+		}
+		if size > uint64(max) {
+			res.complete, res.truncated = true, true
+			return res
+		}
+		payload := make([]byte, size)
+		n, _ = io.ReadFull(r, payload)
+		res.frame = append(res.frame, payload[:n]...)
+		res.complete = n == len(payload)
 		return res
 	}
-	size := binary.BigEndian.Uint64(header[1:])
-	if size > uint64(max) {
-		res.complete, res.truncated = true, true
-		return res
-	}
-	payload := make([]byte, size)
-	n, _ = io.ReadFull(r, payload)
-	res.frame = append(res.frame, payload[:n]...)
-	res.complete = n == len(payload)
-	return res
 }

@@ -15,8 +15,8 @@ import (
 //     installs the cold jail's filter on top, so what a child may do is what a cold jail may do;
 //   - its /proc is writable (a child writes its own uid_map through it) and carries none of the fixed texts (the
 //     kernel lets a user namespace mount a new /proc only where the old one is fully visible);
-//   - its writable tmpfs mounts (/sandbox, /tmp, /dev/shm) are small read-only placeholders: each child mounts
-//     its own over them;
+//   - its writable tmpfs mounts are small placeholders, read-only but for /tmp (1 MiB, where it gives matplotlib
+//     its config directory): each child mounts its own over them;
 //   - the fixed texts that cover /proc's files are files in its root at /safepy/mask/N (written by the server,
 //     mounted read-only), for each child to bind over its own /proc's files.
 //
@@ -44,8 +44,12 @@ type childMount struct {
 	Mandatory bool   `json:"mandatory"`
 }
 
-// placeholderOptions size the fork server's stand-ins for the writable mounts a child makes its own.
-const placeholderOptions = "size=4096,nr_inodes=4,mode=0755"
+// placeholderOptions size the fork server's stand-ins for the writable mounts a child makes its own;
+// scratchOptions its /tmp.
+const (
+	placeholderOptions = "size=4096,nr_inodes=4,mode=0755"
+	scratchOptions     = "size=1048576,nr_inodes=64,mode=0700"
+)
 
 // forkDerivation is what forkServerConfig makes of a jail definition.
 type forkDerivation struct {
@@ -99,8 +103,11 @@ func deriveForkServer(cfg *textMessage) (forkDerivation, error) {
 				if strings.HasPrefix(dst, "/proc/") {
 					continue // over the child's own /proc only
 				}
-				out.fields = append(out.fields, textField{name: "mount",
-					msg: withScalars(m, map[string]string{"rw": "false", "options": placeholderOptions})})
+				placeholder := map[string]string{"rw": "false", "options": placeholderOptions}
+				if dst == "/tmp" {
+					placeholder = map[string]string{"rw": "true", "options": scratchOptions}
+				}
+				out.fields = append(out.fields, textField{name: "mount", msg: withScalars(m, placeholder)})
 				continue
 			case strings.HasPrefix(dst, "/proc"):
 				return d, fmt.Errorf("mount of %s: a fork server's child cannot make this kind of mount under /proc", dst)
@@ -187,5 +194,5 @@ func (r *Runner) newChildPlan(cfg *textMessage, d forkDerivation, program []byte
 	rlimits["RLIMIT_CPU"] = Rlimit{cpu, cpu}
 	return childPlan{UID: jailUID, GID: d.gid, Hostname: hostname, Cwd: cwd, Mounts: d.mounts, Rlimits: rlimits,
 		Seccomp: hex.EncodeToString(program),
-		Harness: harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: []string{}}}
+		Harness: r.harnessConfig([]string{})}
 }

@@ -65,8 +65,11 @@ type forkServer struct {
 	ctl  *net.UnixConn
 	logs *stream
 	base int64 // memory charged to the fork server's cgroup once its modules are in
-	born time.Time
-	done chan struct{} // closed when nsjail has exited
+	// prefault is what a warm child copies of the fork server's pages ahead of time (forkserver.py's train): it is
+	// charged to the child as well as to the fork server, so a warm child's limit is that much larger.
+	prefault int64
+	born     time.Time
+	done     chan struct{} // closed when nsjail has exited
 
 	mu       sync.Mutex
 	forks    int64
@@ -299,12 +302,17 @@ func (s *forkSlot) start() (*forkServer, error) {
 		close(fs.done)
 	}()
 	fs.ctl.SetReadDeadline(time.Now().Add(r.cfg.StartupTimeout + 30*time.Second))
-	ready := make([]byte, 1)
-	if n, err := fs.ctl.Read(ready); n != 1 || ready[0] != 'R' {
+	ready := make([]byte, 4096)
+	n, err := fs.ctl.Read(ready)
+	var report struct {
+		PrefaultBytes int64 `json:"prefault_bytes"`
+	}
+	if n < 1 || ready[0] != 'R' || json.Unmarshal(ready[1:n], &report) != nil {
 		fs.kill()
 		logs, _ := fs.logs.now()
 		return nil, fmt.Errorf("the fork server did not come up (%v): %s%s", err, firstLines(logs, 4), hint(logs))
 	}
+	fs.prefault = report.PrefaultBytes
 	fs.ctl.SetReadDeadline(time.Time{})
 	fs.base = cg.memoryUsage()
 	fs.born = time.Now()
@@ -314,7 +322,7 @@ func (s *forkSlot) start() (*forkServer, error) {
 // prove runs a script through the fork server: the host allows everything the path needs.
 func (fs *forkServer) prove() error {
 	r := fs.slot.f.r
-	j, err := r.launchForked(fs, fs.slot.preload)
+	j, err := r.launchForked(fs, fs.slot.preload, false)
 	if err != nil {
 		return err
 	}
@@ -324,7 +332,7 @@ func (fs *forkServer) prove() error {
 		_, ferr := j.finish(false, nil)
 		return fmt.Errorf("%w (%v)", err, ferr)
 	}
-	out, err := j.run(ctx, []byte("import os\ndef main():\n    return os.getuid()\n"))
+	out, err := j.run(ctx, []byte("import os\ndef main():\n    return os.getuid()\n"), nil)
 	if err != nil {
 		return fmt.Errorf("a script in a forked jail: %w; stderr: %s", err, firstLines([]byte(out.Stderr), 4))
 	}
@@ -349,8 +357,9 @@ func (fs *forkServer) forkCount() int64 {
 	return fs.forks
 }
 
-// fork asks the fork server for a child with the request's descriptors and cgroup, running as uid outside.
-func (fs *forkServer) fork(uid int, files []*os.File) error {
+// fork asks the fork server for a child with the request's descriptors and cgroup, running as uid outside; a
+// warm one prefaults what its fork server learned a typical script writes.
+func (fs *forkServer) fork(uid int, warm bool, files []*os.File) error {
 	fs.mu.Lock()
 	if fs.retiring || !fs.alive() {
 		fs.mu.Unlock()
@@ -363,7 +372,7 @@ func (fs *forkServer) fork(uid int, files []*os.File) error {
 	for i, f := range files {
 		fds[i] = int(f.Fd())
 	}
-	msg, _ := json.Marshal(map[string]int{"uid": jailUID + uid - fs.slot.f.r.uids.base})
+	msg, _ := json.Marshal(map[string]any{"uid": jailUID + uid - fs.slot.f.r.uids.base, "warm": warm})
 	if _, _, err := fs.ctl.WriteMsgUnix(msg, unix.UnixRights(fds...), nil); err != nil {
 		fs.released()
 		return fmt.Errorf("sending a request to the fork server: %w", err)

@@ -64,10 +64,11 @@ def load_harness():
 
 def main(config):
     harness = load_harness()
+    harness.prepare_matplotlib()  # in the fork server's own small /tmp; each child has a fresh one
     for name in config["preload"]:
         __import__(name)
     # What the child's setup and the harness's run() import, imported here once.
-    import atexit, linecache, random, tempfile, threading, traceback, types  # noqa: F401,E401
+    import atexit, base64, hashlib, linecache, random, stat, tempfile, threading, traceback, types  # noqa: F401,E401
 
     if len(os.listdir("/proc/self/task")) != 1:
         # unshare(CLONE_NEWUSER) is refused to a multithreaded process, and a fork would copy one thread only.
@@ -75,11 +76,14 @@ def main(config):
         os._exit(3)
     gc.collect()
     gc.freeze()  # the children share these objects' pages instead of copying them as the collector touches them
+    prefault = train(harness, config["preload"])
     # Not dumpable: no process of the fork server's user can read its memory or open its /proc files.
     check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: no zombies
     ctl = socket.socket(fileno=CTL_FD)
-    ctl.send(b"R")
+    # Ready, and how much a warm child prefaults: the server adds it to a warm child's memory limit, since those
+    # copies of the fork server's pages are charged to the child on top of what the fork server holds.
+    ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault)}).encode())
     plan = config["plan"]
     while True:
         try:
@@ -95,7 +99,8 @@ def main(config):
         pid = os.fork()
         if pid == 0:
             try:
-                child(json.loads(msg), fds, plan, harness)
+                req = json.loads(msg)
+                child(req, fds, plan, harness, prefault if req.get("warm") else [])
             except BaseException as exc:
                 try:
                     os.write(2, ("fork server child: %s\n" % exc).encode())
@@ -105,7 +110,70 @@ def main(config):
             os.close(fd)
 
 
-def child(req, fds, plan, harness):
+# What a typical script of each preload set does, run once by a training child of the fork server (trusted code,
+# no request's). The pages it writes are the ones a request's process would copy from the fork server on first
+# write; a warm jail copies them ahead of time (prefaults them), so that a request does not wait on it.
+TRAINING = {
+    "": "def main():\n    print('hello')\n    return {'ok': True}\n",
+    "numpy": "import numpy as np\ndef main():\n    print(np.arange(3))\n    return {'sum': int(np.sum([1, 2, 3]))}\n",
+    "pandas": "import os, pandas as pd\ndef main():\n    print(sorted(os.listdir('/'))[:5])\n"
+              "    return {'rows': int(pd.DataFrame({'a': [1, 2, 3]}).shape[0])}\n",
+    "matplotlib.pyplot": "import io, pandas as pd, matplotlib.pyplot as plt\ndef main():\n"
+                         "    df = pd.read_csv(io.StringIO('x,y\\n1,2\\n2,4\\n3,1\\n'))\n"
+                         "    fig, ax = plt.subplots()\n    df.plot(x='x', y='y', ax=ax)\n"
+                         "    buf = io.BytesIO()\n    fig.savefig(buf, format='png')\n    return len(buf.getvalue())\n",
+}
+
+
+def train(harness, preload):
+    """Run the preload set's typical script in a child and return the address ranges it wrote to."""
+    import array
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            devnull = os.open("/dev/null", os.O_WRONLY)
+            os.dup2(devnull, 1)
+            harness.exercise(TRAINING.get(preload[-1] if preload else "", TRAINING[""]))
+            page = os.sysconf("SC_PAGE_SIZE")
+            ranges = []
+            with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+                for line in maps:
+                    fields = line.split()
+                    if fields[1] != "rw-p":
+                        continue
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    pagemap.seek(lo // page * 8)
+                    entries = array.array("Q")
+                    entries.frombytes(pagemap.read((hi - lo) // page * 8))
+                    for i, e in enumerate(entries):
+                        if e >> 63 & 1 and e >> 56 & 1:  # present, and this process's alone: written since the fork
+                            start = lo + i * page
+                            if ranges and start - (ranges[-1][0] + ranges[-1][1]) <= 16 * page:
+                                ranges[-1][1] = start + page - ranges[-1][0]  # close enough: one call
+                            else:
+                                ranges.append([start, page])
+            os.write(w, json.dumps(ranges).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return []
+
+
+def child(req, fds, plan, harness, prefault):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     request, procs = fds[:5], fds[5:]
     for fd in procs:
@@ -143,7 +211,7 @@ def child(req, fds, plan, harness):
         drop_privileges(plan["seccomp"])
         reseed()
         sys.argv = ["/safepy/harness.py", json.dumps(plan["harness"])]
-        harness.init(plan["harness"])
+        harness.init(dict(plan["harness"], prefault=prefault))
         os._exit(72)  # init never returns
     for fd in range(5):
         os.close(fd)

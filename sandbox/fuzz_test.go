@@ -23,7 +23,10 @@ func FuzzResultChannel(f *testing.F) {
 		frameOf('E', `{"kind":"exception","type":"ValueError","message":"x"}`), frameOf('E', `{"kind":"serialization"}`),
 		frameOf('E', `{"kind":"exception","errno":27}`), frameOf('E', `{"kind":"missing_main"}`), frameOf('R', ""),
 		frameOf('R', "garbage"), frameOf('X', "1"), frameOf('R', "[[[[[[[["), frameOf('R', "\"\xff\""),
-		append(frameOf('R', "null"), frameOf('R', "1")...), frameOf('R', "1")[:5], []byte("S"), []byte(""), []byte("X")} {
+		append(frameOf('R', "null"), frameOf('R', "1")...), frameOf('R', "1")[:5], []byte("S"), []byte(""), []byte("X"),
+		append(frameOf('F', `[{"path":"a.txt","size":2,"content":"aGk="}]`), frameOf('R', "1")[1:]...),
+		append(frameOf('F', `[{"path":"../x","size":0,"content":""}]`), frameOf('R', "1")[1:]...),
+		append(frameOf('F', `[{"path":".h","size":0,"content":""}]`), frameOf('E', `{"kind":"files_limit"}`)[1:]...)} {
 		f.Add(seed, 0, uint8(0))
 		f.Add(seed, 137, uint8(0b0100))
 	}
@@ -32,11 +35,22 @@ func FuzzResultChannel(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, exit int, flags uint8) {
 		res := readResult(bytes.NewReader(data), make(chan struct{}), maxResult+16)
 		o := observation{started: res.started, truncated: res.truncated, exitCode: exit,
-			timedOut: flags&1 != 0, pidsMax: flags&2 != 0, oomKilled: flags&4 != 0, rlimits: flags&8 != 0}
+			timedOut: flags&1 != 0, pidsMax: flags&2 != 0, oomKilled: flags&4 != 0, rlimits: flags&8 != 0,
+			files: res.files}
 		if res.complete {
 			o.frame = res.frame
 		}
-		result, err := classify(o, limits, maxResult)
+		result, files, err := classify(o, limits, maxResult)
+		var total int64
+		for _, f := range files {
+			if CheckPath(f.Path) != nil || hidden(f.Path) || f.Size < 0 {
+				t.Fatalf("file %+v from %q", f, data)
+			}
+			total += f.Size
+		}
+		if len(files) > MaxFiles || total > MaxOutputBytes {
+			t.Fatalf("%d files of %d bytes from %q", len(files), total, data)
+		}
 		var se *ScriptError
 		switch {
 		case !res.started:
@@ -44,8 +58,8 @@ func FuzzResultChannel(f *testing.F) {
 				t.Fatalf("a jail that never started gave %s, %v", result, err)
 			}
 		case err == nil:
-			if o.timedOut || !res.complete || len(data) < 10 || data[1] != 'R' || !json.Valid(result) ||
-				len(result) > maxResult || !bytes.Equal(result, bytes.TrimSpace(data[10:10+len(res.frame)-1])) {
+			if o.timedOut || !res.complete || len(res.frame) < 1 || res.frame[0] != 'R' || !json.Valid(result) ||
+				len(result) > maxResult || !bytes.Equal(result, bytes.TrimSpace(res.frame[1:])) {
 				t.Fatalf("result %q from %q", result, data)
 			}
 		case errors.As(err, &se):

@@ -3,9 +3,13 @@
 # the jail mounts that one file read-only at /safepy/harness.py.
 #
 # Channels (file descriptors set up by the Go side and passed through nsjail):
-#   3  the script's source; read to EOF, then closed.
-#   4  the result channel: one byte b"S" once the interpreter is up, then exactly one frame, a kind byte, the
-#      payload's length (8 bytes, big-endian) and the payload:
+#   3  the job, read to EOF, then closed: the script's length (8 bytes, big-endian) and source, the number of input
+#      files (4 bytes), and per file its path's length (4 bytes), path, data's length (8 bytes) and data
+#      (sandbox/files.go, EncodeJob). The files are written under /sandbox before the script runs.
+#   4  the result channel: one byte b"S" once the interpreter is up, then at most one files frame and exactly one
+#      result frame, each a kind byte, the payload's length (8 bytes, big-endian) and the payload:
+#        b"F": a JSON list of {"path", "size", "content" (base64)}, the files under /sandbox when main() returned
+#              or raised (sandbox/files.go checks it again);
 #        b"R": the JSON text of main()'s return value, or
 #        b"E": a JSON object {"kind", "type", "message", "traceback", "errno"}.
 #      The length lets the server answer as soon as the frame is in, without waiting for the jail to wind down.
@@ -38,6 +42,23 @@ def set_rlimits(rlimits):
         resource.setrlimit(getattr(resource, name), (value(limit["Soft"]), value(limit["Hard"])))
 
 
+MATPLOTLIB_CACHE = "/usr/local/share/safepy-matplotlib"  # runtime/install.sh builds it
+
+
+def prepare_matplotlib():
+    """matplotlib wants a writable MPLCONFIGDIR, and builds its font cache there on first import (a second or more,
+    and a line on stderr). Give it one in the jail's /tmp, holding the cache the runtime was installed with."""
+    conf = os.environ.get("MPLCONFIGDIR")
+    if not conf or not os.path.isdir(MATPLOTLIB_CACHE):
+        return
+    os.makedirs(conf, exist_ok=True)
+    for name in os.listdir(MATPLOTLIB_CACHE):
+        try:
+            os.symlink(os.path.join(MATPLOTLIB_CACHE, name), os.path.join(conf, name))
+        except FileExistsError:
+            pass
+
+
 def init(config):
     """Be the jail's PID 1. config is the Go side's harnessConfig (sandbox.go): the script's CPU-time limit, per
     process, counted from its arrival; the resource limits nsjail cannot set; modules to import before the script
@@ -46,6 +67,7 @@ def init(config):
 
     # Before anything else runs in the jail, and so for every process it will have.
     set_rlimits(config["rlimits"])
+    prepare_matplotlib()
 
     # As PID 1 we would ignore SIGINT only by kernel rule; make it explicit so no handler of Python's runs here.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -55,7 +77,7 @@ def init(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        exit_as_the_interpreter_would(lambda: run(config["cpu"], config["preload"] or []))
+        exit_as_the_interpreter_would(lambda: run(config))
     os.close(SCRIPT_FD)
     os.close(RESULT_FD)
     while True:
@@ -118,20 +140,7 @@ def exit_as_the_interpreter_would(main):
     os._exit(code & 0xFF)
 
 
-def run(cpu_seconds, preload):
-    # Keep the result channel away from anything the script starts.
-    os.set_inheritable(RESULT_FD, False)
-    # Everything the harness itself needs is imported before it reports ready, so a warm jail does none of it on
-    # the script's time.
-    import ctypes
-    import linecache
-    import traceback
-    import types
-
-    for name in preload:
-        __import__(name)
-    write_all(RESULT_FD, b"S")
-
+def read_job():
     chunks = []
     while True:
         chunk = os.read(SCRIPT_FD, 1 << 16)
@@ -139,7 +148,146 @@ def run(cpu_seconds, preload):
             break
         chunks.append(chunk)
     os.close(SCRIPT_FD)
-    source = b"".join(chunks)
+    job = memoryview(b"".join(chunks))
+
+    def take(n):
+        nonlocal job
+        part, job = job[:n], job[n:]
+        if len(part) != n:
+            raise ValueError("the job ends early")
+        return part
+
+    source = bytes(take(int.from_bytes(take(8), "big")))
+    files = []
+    for _ in range(int.from_bytes(take(4), "big")):
+        path = bytes(take(int.from_bytes(take(4), "big"))).decode("utf-8")
+        files.append((path, take(int.from_bytes(take(8), "big"))))
+    return source, files
+
+
+def write_inputs(files):
+    """Write the request's files under /sandbox (the server checked their paths), and return what each held, so
+    that one the script leaves unchanged is not sent back."""
+    import hashlib
+
+    written = {}
+    for path, data in files:
+        full = "/sandbox/" + path
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        written[path] = hashlib.sha256(data).digest()
+    return written
+
+
+class TooManyFiles(Exception):
+    pass
+
+
+def collect_outputs(inputs, max_files, max_bytes):
+    """The regular files under /sandbox, sorted by path, less the hidden ones (a component starting with a dot)
+    and the inputs left unchanged. Symlinks are not followed, and FIFOs, sockets and devices are never opened."""
+    import base64
+    import hashlib
+    import stat
+
+    paths = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = list(os.scandir("/sandbox/" + rel))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = rel + entry.name
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                continue  # a name that is not UTF-8 cannot be named in the answer
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path + "/")
+                elif entry.is_file(follow_symlinks=False):
+                    paths.append(path)
+            except OSError:
+                continue
+    out, total = [], 0
+    for path in sorted(paths):
+        if len(path.encode("utf-8")) > 1024:
+            raise TooManyFiles()
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO since the listing is not waited on; fstat says what it is.
+            fd = os.open("/sandbox/" + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            chunks, size = [], 0
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if total + size > max_bytes:
+                    raise TooManyFiles()
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if inputs.get(path) == hashlib.sha256(data).digest():
+            continue
+        total += len(data)
+        out.append({"path": path, "size": len(data), "content": base64.b64encode(data).decode("ascii")})
+        if len(out) > max_files:
+            raise TooManyFiles()
+    return out
+
+
+def exercise(source):
+    """Compile, run and encode a script's answer the way run() does, with nothing of the channels: what a fork
+    server trains on."""
+    import linecache
+    import types
+
+    text = source
+    filename = "/sandbox/script.py"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    module = types.ModuleType("script")
+    module.__file__ = filename
+    exec(compile(text, filename, "exec", dont_inherit=True), module.__dict__)
+    json.dumps(module.main(), allow_nan=False, ensure_ascii=False).encode("utf-8")
+    linecache.cache.pop(filename, None)
+
+
+def run(config):
+    # Keep the result channel away from anything the script starts.
+    os.set_inheritable(RESULT_FD, False)
+    # Everything the harness itself needs is imported before it reports ready, so a warm jail does none of it on
+    # the script's time.
+    import base64, ctypes, hashlib, linecache, stat, traceback, types  # noqa: F401,E401
+
+    for name in config["preload"] or []:
+        __import__(name)
+    write_all(RESULT_FD, b"S")
+    if config.get("prefault"):
+        # A warm jail forked from a fork server takes now, while it waits, the copies of the fork server's pages
+        # a typical script writes (forkserver.py's train); a script that comes first waits for the rest, which
+        # is what it would have spent on them anyway.
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for start, length in config["prefault"]:
+            libc.madvise(start, length, 23)  # MADV_POPULATE_WRITE: write-fault the range in, copying shared pages
+
+    source, files = read_job()
+    inputs = write_inputs(files)
+    cpu_seconds = config["cpu"]
 
     # The script's time counts from now, not from the jail's start: what the harness spent starting up and
     # preloading is not the script's. RLIMIT_CPU is whole seconds; the hard limit kills one second after SIGXCPU.
@@ -176,6 +324,9 @@ def run(cpu_seconds, preload):
             err["message"] = message
         finish(b"E", json.dumps(err).encode())
 
+    def frame(kind, payload):
+        return kind + len(payload).to_bytes(8, "big") + payload
+
     def finish(kind, payload):
         if os.getpid() != owner:  # a process the script forked got here: only the script's own process answers
             os._exit(0)
@@ -188,8 +339,17 @@ def run(cpu_seconds, preload):
             ctypes.CDLL(None).fflush(None)
         except Exception:
             pass
-        # stdout is flushed above, before the frame: the server takes what the pipe holds when the frame is in.
-        write_all(RESULT_FD, kind + len(payload).to_bytes(8, "big") + payload)
+        try:
+            outputs = collect_outputs(inputs, config["max_files"], config["max_file_bytes"])
+        except TooManyFiles:
+            # Over the caps: a script that returned gets the files limit as its error; one that failed keeps its
+            # own error (filling /sandbox, say), without files.
+            outputs = []
+            if kind == b"R":
+                kind, payload = b"E", json.dumps({"kind": "files_limit"}).encode()
+        # stdout is flushed above, before the frames: the server takes what the pipe holds when the frame is in.
+        files = frame(b"F", json.dumps(outputs).encode()) if outputs else b""
+        write_all(RESULT_FD, files + frame(kind, payload))
         os._exit(0)
 
     try:

@@ -72,7 +72,7 @@ def main():
 			{"setuid(0)", "import os\ndef main():\n    os.setuid(0)\n", ExecutionError, "", "OSError: [Errno 22]"}, // uid 0 does not exist in the jail
 			{"chroot", "import os\ndef main():\n    os.chroot('/tmp')\n", ExecutionError, "", "PermissionError"},
 			{"writing /etc/hosts", "def main():\n    open('/etc/hosts', 'w').write('1.2.3.4 x')\n", ExecutionError, "", "FileNotFoundError"},
-			{"reading init's environment", "def main():\n    return sorted(k.split(b'=')[0].decode() for k in open('/proc/1/environ', 'rb').read().split(b'\\0') if k)\n", "", "", `["HOME", "LANG", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "MPLCONFIGDIR", "NUMEXPR_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH"]`},
+			{"reading init's environment", "def main():\n    return sorted(k.split(b'=')[0].decode() for k in open('/proc/1/environ', 'rb').read().split(b'\\0') if k)\n", "", "", `["HOME", "LANG", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "MPLBACKEND", "MPLCONFIGDIR", "NUMEXPR_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PATH"]`},
 			{"segfault", "import ctypes\ndef main():\n    ctypes.string_at(0)\n", ExecutionError, "", "signal 11"},
 			{"sys.exit at import", "import sys\nsys.exit(5)\n", ExecutionError, "", "exited with status 5"},
 			{"os._exit in main", "import os\ndef main():\n    os._exit(0)\n", ExecutionError, "", "exited with status 0"},

@@ -41,10 +41,11 @@ type jail struct {
 }
 
 // launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the
-// fork server of that preload set if one is ready, else cold.
-func (r *Runner) launch(preload []string) (*jail, error) {
+// fork server of that preload set if one is ready, else cold. A warm jail (one for a pool) also takes, ahead of
+// time, the copies of the fork server's pages a typical script would write.
+func (r *Runner) launch(preload []string, warm bool) (*jail, error) {
 	if fs := r.forks.server(preload); fs != nil {
-		j, err := r.launchForked(fs, preload)
+		j, err := r.launchForked(fs, preload, warm)
 		if err == nil {
 			return j, nil
 		}
@@ -54,7 +55,7 @@ func (r *Runner) launch(preload []string) (*jail, error) {
 }
 
 // launchForked asks a fork server for a jail.
-func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
+func (r *Runner) launchForked(fs *forkServer, preload []string, warm bool) (*jail, error) {
 	uid, err := r.uids.take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -63,6 +64,9 @@ func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
 	// smaller, so that a script has the same memory whichever way its jail was made.
 	limits := r.limits
 	limits.MemoryBytes -= fs.base
+	if warm {
+		limits.MemoryBytes += fs.prefault
+	}
 	cg, err := r.cgroups.create(newID(), limits)
 	if err != nil {
 		r.uids.give(uid)
@@ -70,6 +74,9 @@ func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
 	}
 	j := &jail{r: r, cg: cg, uid: uid, base: fs.base, started: make(chan struct{}), done: make(chan struct{}),
 		begin: time.Now()}
+	if warm {
+		j.base -= fs.prefault // its own copies are in its cgroup already
+	}
 	procs, err := cg.procsFiles()
 	if err != nil {
 		j.release()
@@ -90,7 +97,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
 		j.release()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	err = fs.fork(uid, append(childEnds, procs...))
+	err = fs.fork(uid, warm, append(childEnds, procs...))
 	closeFiles(childEnds)
 	if err != nil {
 		j.release()
@@ -98,7 +105,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string) (*jail, error) {
 	}
 	j.fs = fs // from here on the fork server counts the jail among its children, until release
 	j.stdout = captureAsync(stdoutR, r.cfg.MaxStdoutBytes)
-	j.stderr = captureAsync(stderrR, 64<<10)
+	j.stderr = captureAsync(stderrR, r.cfg.MaxStderrBytes)
 	j.frame = readResultAsync(resultR, j.started, r.cfg.MaxResultBytes+(64<<10))
 	go func() {
 		// The supervisor writes the init's status once the init has ended; a supervisor killed first writes none.
@@ -154,7 +161,7 @@ func (r *Runner) launchCold(preload []string) (*jail, error) {
 		return nil, fmt.Errorf("%w: starting nsjail: %w", ErrSandbox, err)
 	}
 	j.stdout = captureAsync(stdoutR, r.cfg.MaxStdoutBytes)
-	j.stderr = captureAsync(stderrR, 64<<10)
+	j.stderr = captureAsync(stderrR, r.cfg.MaxStderrBytes)
 	j.nslog = captureAsync(logR, 64<<10)
 	j.frame = readResultAsync(resultR, j.started, r.cfg.MaxResultBytes+(64<<10))
 	go func() {
@@ -224,15 +231,17 @@ func (j *jail) awaitReady(ctx context.Context) error {
 	}
 }
 
-// run hands the script to a ready jail and waits for its answer. The script's limits count from here.
-func (j *jail) run(ctx context.Context, script []byte) (Outcome, error) {
+// run hands the script and its files to a ready jail and waits for its answer. The script's limits count from
+// here.
+func (j *jail) run(ctx context.Context, script []byte, files []File) (Outcome, error) {
 	// What the jail holds as the script arrives (the interpreter, and in a warm jail its preloaded modules) counts
 	// against the memory limit, as it would if the script had imported them itself: warm or cold, a script has
 	// the same memory. The harness resets CPU time as the script arrives.
 	base := j.base + j.cg.memoryUsage()
 	runStart := time.Now()
+	job := EncodeJob(script, files)
 	go func() {
-		j.scriptW.Write(script) // fails with EPIPE if the jail died first; the exit status tells why
+		j.scriptW.Write(job) // fails with EPIPE if the jail died first; the exit status tells why
 		j.scriptW.Close()
 	}()
 	deadline := time.NewTimer(j.r.limits.Wall)
@@ -275,11 +284,11 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 		_ = j.cmd.Process.Kill()
 	}
 	outBytes, outTrunc := j.stdout.now()
-	errBytes, _ := j.stderr.now()
-	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	errBytes, errTrunc := j.stderr.now()
+	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
 	out.PeakMemory = peak
-	result, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
-	out.Result = result
+	result, files, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
+	out.Result, out.Files = result, files
 	j.r.cleanups.Add(1)
 	go func() {
 		defer j.r.cleanups.Done()
@@ -313,13 +322,13 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 		res = <-j.frame
 	}
 	outBytes, outTrunc := j.stdout.wait()
-	errBytes, _ := j.stderr.wait()
+	errBytes, errTrunc := j.stderr.wait()
 	var logBytes []byte
 	if j.nslog != nil {
 		logBytes, _ = j.nslog.wait()
 	}
 	obs := j.observe(res, timedOut)
-	out := j.outcome(obs, outBytes, outTrunc, errBytes)
+	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
 	out.PeakMemory = j.cg.memoryPeak()
 	if err := j.release(); err != nil && ctxErr == nil {
 		ctxErr = fmt.Errorf("%w: removing the jail's cgroup: %v", ErrSandbox, err)
@@ -327,18 +336,18 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 	if ctxErr != nil {
 		return out, ctxErr
 	}
-	result, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
+	result, files, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
 	if errors.Is(err, ErrSandbox) {
 		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s%s", err, firstLines(logBytes, 3), firstLines(errBytes, 3), hint(logBytes))
 	}
-	out.Result = result
+	out.Result, out.Files = result, files
 	return out, err
 }
 
 // observe gathers what the Go side saw of the jail, for classify.
 func (j *jail) observe(res resultRead, timedOut bool) observation {
 	obs := observation{started: res.started, stalled: j.stalled, truncated: res.truncated, timedOut: timedOut,
-		rlimits: j.cg == nil}
+		rlimits: j.cg == nil, files: res.files}
 	if res.complete {
 		obs.frame = res.frame
 	}
@@ -351,8 +360,9 @@ func (j *jail) observe(res resultRead, timedOut bool) observation {
 	return obs
 }
 
-func (j *jail) outcome(obs observation, stdout []byte, truncated bool, stderr []byte) Outcome {
-	out := Outcome{Started: obs.started, Stdout: stdoutText(stdout), StdoutTruncated: truncated, Stderr: stdoutText(stderr)}
+func (j *jail) outcome(obs observation, stdout []byte, truncated bool, stderr []byte, stderrTruncated bool) Outcome {
+	out := Outcome{Started: obs.started, Stdout: stdoutText(stdout), StdoutTruncated: truncated,
+		Stderr: stdoutText(stderr), StderrTruncated: stderrTruncated}
 	if !j.readyAt.IsZero() {
 		out.Timing.Startup = j.readyAt.Sub(j.begin)
 	}

@@ -31,6 +31,7 @@ const (
 	LimitProcesses Limit = "processes"
 	LimitResult    Limit = "result_size"
 	LimitDisk      Limit = "disk"
+	LimitFiles     Limit = "files" // the output files' count or size
 )
 
 // ScriptError is a script's failure: something the script did, never a fault of the sandbox.
@@ -52,12 +53,14 @@ type Outcome struct {
 	Result          json.RawMessage // main()'s return value as JSON text, exactly as Python wrote it
 	Stdout          string          // valid UTF-8: invalid bytes replaced with U+FFFD
 	StdoutTruncated bool
-	Stderr          string // for diagnostics only; never returned to a client
-	Started         bool   // the interpreter came up and the script was handed over
-	Warm            bool   // the jail came from the pool of warm jails
-	BaseMemory      int64  // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
-	PeakMemory      int64  // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
-	Forked          bool   // the jail was forked from a fork server
+	Stderr          string // what the script wrote to descriptor 2, like Stdout
+	StderrTruncated bool
+	Files           []OutputFile // the files the script left under /sandbox, when main() returned or raised
+	Started         bool         // the interpreter came up and the script was handed over
+	Warm            bool         // the jail came from the pool of warm jails
+	BaseMemory      int64        // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
+	PeakMemory      int64        // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
+	Forked          bool         // the jail was forked from a fork server
 	Timing          Timing
 }
 
@@ -75,6 +78,7 @@ type observation struct {
 	stalled   bool   // the jail did not come up within the start-up timeout and was killed
 	frame     []byte // a complete frame from the result channel: the kind byte and the payload
 	truncated bool   // the frame's header declared a payload longer than its cap
+	files     []byte // the files frame's payload, if there was one
 	exitCode  int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
 	timedOut  bool   // the Go side's wall-clock deadline fired
 	oomKilled bool   // the cgroup saw the OOM killer
@@ -91,9 +95,21 @@ type errorFrame struct {
 	Errno     int    `json:"errno"`
 }
 
-// classify decides the outcome from what was observed. Nothing the script printed takes part; the result
-// channel is the harness's, and what the script can forge there only harms its own answer.
-func classify(o observation, l Limits, maxResult int) (json.RawMessage, error) {
+// classify decides the outcome from what was observed, and the files that go with it. Nothing the script printed
+// takes part; the result channel is the harness's, and what the script can forge there only harms its own answer.
+func classify(o observation, l Limits, maxResult int) (json.RawMessage, []OutputFile, error) {
+	result, err := classifyResult(o, l, maxResult)
+	if !o.started || o.stalled || errors.Is(err, ErrSandbox) || o.files == nil {
+		return result, nil, err
+	}
+	files, ferr := readFilesFrame(o.files)
+	if ferr != nil {
+		return nil, nil, &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
+	}
+	return result, files, err
+}
+
+func classifyResult(o observation, l Limits, maxResult int) (json.RawMessage, error) {
 	if !o.started || o.stalled {
 		return nil, fmt.Errorf("%w: the jail did not start (exit status %d)", ErrSandbox, o.exitCode)
 	}
@@ -162,6 +178,9 @@ func frameError(f errorFrame, o observation, l Limits, memory *ScriptError) erro
 	case "missing_main":
 		e.Message = "main() is missing or not callable"
 		return e
+	case "files_limit":
+		return &ScriptError{Kind: ResourceLimitError, Limit: LimitFiles,
+			Message: fmt.Sprintf("the script left more than %d files or %d MiB in /sandbox", MaxFiles, MaxOutputBytes>>20)}
 	case "syntax", "exception":
 	default:
 		return &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}

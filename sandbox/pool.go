@@ -86,7 +86,7 @@ func (p *pool) refill() {
 	for {
 		p.recycle()
 		if p.count() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
-			j, err := p.r.launch(p.preload)
+			j, err := p.r.launch(p.preload, true)
 			if err == nil {
 				if err = j.awaitReady(ctx); err != nil {
 					j.finish(false, err)

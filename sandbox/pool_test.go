@@ -9,11 +9,15 @@ import (
 	"time"
 )
 
-// newPooled returns a runner with a pool of size, whose pool is full; its jails are forked if forked.
-func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration, forked bool) *Runner {
+// newPooled returns a runner with a pool of size, whose pool is full; its jails are forked if forked. preload, if
+// given, replaces the default preload sets.
+func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration, forked bool, preload ...string) *Runner {
 	t.Helper()
 	cfg := testConfig()
 	cfg.Cgroup, cfg.PoolSize, cfg.PoolMaxAge, cfg.ForkServers = cgroup, size, maxAge, forked
+	if preload != nil {
+		cfg.Preload = preload
+	}
 	r, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -137,7 +141,8 @@ func TestPoolRecyclesAndCloses(t *testing.T) {
 }
 
 func poolRecyclesAndCloses(t *testing.T, forked bool) {
-	r := newPooled(t, "", 1, 300*time.Millisecond, forked)
+	// One preload set that comes up well within the maximum age, even cold on a busy machine.
+	r := newPooled(t, "", 1, 300*time.Millisecond, forked, "json")
 	p := r.pools[len(r.pools)-1]
 	p.mu.Lock()
 	first := p.ready[0]

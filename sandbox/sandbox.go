@@ -41,17 +41,19 @@ type Config struct {
 	Cgroup     string // "auto" (default), "v1", "v2" or "none"
 
 	MaxStdoutBytes int // default 1 MiB
+	MaxStderrBytes int // default 1 MiB
 	MaxResultBytes int // default 1 MiB
 
 	// Warm jails are kept started ahead of time, waiting for a script, in pools of PoolSize each: plain ones (the
-	// interpreter up) and one pool per prefix of Preload (with the default: numpy; numpy and pandas). A script gets
+	// interpreter up) and one pool per prefix of Preload (with the default: numpy; numpy and pandas; those and
+	// matplotlib.pyplot). A script gets
 	// a jail from the smallest pool that has every Preload module it names, so a warm jail does ahead of time only
 	// what the script would have done itself, never more. A warm jail serves one script and is destroyed; one
 	// older than PoolMaxAge is replaced without serving. PoolSize 0 turns the pools off: every jail starts cold,
 	// on the request's path.
 	PoolSize   int
 	PoolMaxAge time.Duration // default 5 minutes
-	Preload    []string      // default numpy, pandas
+	Preload    []string      // default numpy, pandas, matplotlib.pyplot
 	// AllJailsMemory caps the memory of all jails together (running and warm), where there are cgroups; 0: no cap.
 	AllJailsMemory int64
 
@@ -114,6 +116,9 @@ func New(cfg Config) (*Runner, error) {
 	if cfg.MaxResultBytes <= 0 {
 		cfg.MaxResultBytes = 1 << 20
 	}
+	if cfg.MaxStderrBytes <= 0 {
+		cfg.MaxStderrBytes = 1 << 20
+	}
 	if cfg.StartupTimeout <= 0 {
 		cfg.StartupTimeout = 20 * time.Second
 	}
@@ -124,7 +129,7 @@ func New(cfg Config) (*Runner, error) {
 		cfg.PoolMaxAge = 5 * time.Minute
 	}
 	if cfg.Preload == nil {
-		cfg.Preload = []string{"numpy", "pandas"}
+		cfg.Preload = []string{"numpy", "pandas", "matplotlib.pyplot"}
 	}
 	if cfg.UIDBase == 0 {
 		cfg.UIDBase = DefaultUIDBase
@@ -272,10 +277,15 @@ func (r *Runner) takeWarm(script []byte) *jail {
 	return nil
 }
 
-// preloadIndex is the largest prefix of Preload whose modules the script names anywhere in its source.
+// preloadIndex is the largest prefix of Preload whose last module's package the script names anywhere in its
+// source ("matplotlib" for matplotlib.pyplot, so that `from matplotlib import pyplot` counts too).
 func (r *Runner) preloadIndex(script []byte) int {
 	i := len(r.cfg.Preload)
-	for i > 0 && !bytes.Contains(script, []byte(r.cfg.Preload[i-1])) {
+	for i > 0 {
+		pkg, _, _ := strings.Cut(r.cfg.Preload[i-1], ".")
+		if bytes.Contains(script, []byte(pkg)) {
+			break
+		}
 		i--
 	}
 	return i
@@ -299,14 +309,21 @@ func (r *Runner) Close() error {
 
 // harnessConfig is what the harness is told on its command line.
 type harnessConfig struct {
-	CPUSeconds int64             `json:"cpu"`     // the script's CPU-time limit, counted from its arrival
-	Rlimits    map[string]Rlimit `json:"rlimits"` // the limits nsjail cannot set (pinnedRlimits)
-	Preload    []string          `json:"preload"` // modules to import before the script arrives
+	CPUSeconds   int64             `json:"cpu"`            // the script's CPU-time limit, counted from its arrival
+	Rlimits      map[string]Rlimit `json:"rlimits"`        // the limits nsjail cannot set (pinnedRlimits)
+	Preload      []string          `json:"preload"`        // modules to import before the script arrives
+	MaxFiles     int               `json:"max_files"`      // the output files' caps (files.go)
+	MaxFileBytes int               `json:"max_file_bytes"` //
+}
+
+func (r *Runner) harnessConfig(preload []string) harnessConfig {
+	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: preload,
+		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes}
 }
 
 // jailArgs is nsjail's command line for a jail whose processes are uid outside, preloading preload.
 func (r *Runner) jailArgs(uid int, preload []string) []string {
-	hc, _ := json.Marshal(harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: preload})
+	hc, _ := json.Marshal(r.harnessConfig(preload))
 	args := append([]string{}, r.opts...)
 	args = append(args, "--user", fmt.Sprintf("%d:%d:1", jailUID, uid), "--")
 	return append(append(args, r.command...), string(hc))
@@ -338,7 +355,7 @@ func (r *Runner) ColdCommand() (path string, args []string, err error) {
 //
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
-func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
+func (r *Runner) Run(ctx context.Context, script []byte, files ...File) (Outcome, error) {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -364,7 +381,7 @@ func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
 			preload = nil
 		}
 		var err error
-		if j, err = r.launch(preload); err != nil {
+		if j, err = r.launch(preload, false); err != nil {
 			return Outcome{}, err
 		}
 		if err := j.awaitReady(ctx); err != nil {
@@ -375,7 +392,7 @@ func (r *Runner) Run(ctx context.Context, script []byte) (Outcome, error) {
 			return j.finish(false, ctxErr) // with nsjail's own account of why the jail did not come up
 		}
 	}
-	out, err := j.run(ctx, script)
+	out, err := j.run(ctx, script, files)
 	out.Warm, out.Forked = warm, j.fs != nil
 	return out, err
 }

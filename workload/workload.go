@@ -57,3 +57,18 @@ var Examples = []Script{
 	{"numpy", "def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n", 200, "", 1},
 	{"pandas", "def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n", 200, "", 1},
 }
+
+// Plot reads a CSV the request sends (PlotCSV, as data.csv) with pandas, plots it with matplotlib and saves the
+// figure as plot.png, which the answer carries back.
+var Plot = Script{"plot", `import pandas as pd
+import matplotlib.pyplot as plt
+def main():
+    df = pd.read_csv("data.csv")
+    fig, ax = plt.subplots(figsize=(4, 3))
+    df.plot(x="day", y="visits", ax=ax)
+    fig.savefig("plot.png")
+    return {"rows": len(df), "mean": float(df["visits"].mean())}
+`, 200, "", 1}
+
+// PlotCSV is the data Plot draws.
+const PlotCSV = "day,visits\n1,120\n2,135\n3,128\n4,160\n5,171\n6,150\n7,190\n"

@@ -14,12 +14,16 @@
 // per second, the memory a request's jail held at its peak (its cgroup's), and writes an SVG chart. The three take turns, in rounds, each turn starting and ending at rest, so
 // that the machine's other load weighs on all alike. Everything runs in this process and talks to 127.0.0.1 only.
 //
+// A fourth example, plot, reads a CSV the request sends with pandas, plots it with matplotlib and sends the PNG back
+// (package workload's Plot): the service only, since the floor has no request to carry files.
+//
 //	go run ./cmd/bench -svg docs/bench.svg
 package main
 
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -44,6 +48,17 @@ type scenario struct {
 	concurrency int
 	requests    int
 	pace        time.Duration // between request starts at concurrency 1; 0 is back to back
+}
+
+// examples are the contract's three and the plot.
+var examples = append(append([]workload.Script{}, workload.Examples...), workload.Plot)
+
+// filesFor is what a request of the example sends besides its script.
+func filesFor(name string) []sandbox.File {
+	if name == workload.Plot.Name {
+		return []sandbox.File{{Path: "data.csv", Data: []byte(workload.PlotCSV)}}
+	}
+	return nil
 }
 
 type result struct {
@@ -123,7 +138,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 	}
 	targets := []string{"floor", "service cold", "no fork servers", "service"}
 	type runner struct {
-		do     func([]byte) error
+		do     func(script []byte, files []sandbox.File) error
 		settle func() // waits until the target is at rest: nothing running in the background
 		done   func()
 		peaks  *peaks // nil for the floor, which has no cgroup
@@ -142,7 +157,8 @@ func run(n int, pace time.Duration, svgPath string) error {
 			if err != nil {
 				return err
 			}
-			runners[target] = runner{func(script []byte) error { return floor(path, args, script) }, func() {}, func() { r.Close() }, nil}
+			runners[target] = runner{func(script []byte, files []sandbox.File) error { return floor(path, args, script, files) },
+				func() {}, func() { r.Close() }, nil}
 		default:
 			c := cfg
 			switch target {
@@ -174,7 +190,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 					}
 				}
 			}
-			runners[target] = runner{func(script []byte) error { return post(client, url, script) }, settle,
+			runners[target] = runner{func(script []byte, files []sandbox.File) error { return post(client, url, script, files) }, settle,
 				func() { srv.Close(); svc.Close() }, pk}
 		}
 		defer runners[target].done()
@@ -188,12 +204,12 @@ func run(n int, pace time.Duration, svgPath string) error {
 	for _, target := range targets {
 		results[target] = map[string]map[string]result{}
 	}
-	for _, ex := range workload.Examples {
-		body := []byte(ex.Source)
+	for _, ex := range examples {
+		body, files := []byte(ex.Source), filesFor(ex.Name)
 		for _, target := range targets {
 			results[target][ex.Name] = map[string]result{}
 			for i := 0; i < 3; i++ { // warm the page cache and the connections
-				if err := runners[target].do(body); err != nil {
+				if err := runners[target].do(body, files); err != nil {
 					return fmt.Errorf("%s %s: %w", target, ex.Name, err)
 				}
 			}
@@ -213,7 +229,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 				for _, target := range targets {
 					rn := runners[target]
 					rn.settle()
-					l, elapsed, errs := measure(rn.do, body, turn)
+					l, elapsed, errs := measure(func(b []byte) error { return rn.do(b, files) }, body, turn)
 					for i, err := range errs {
 						if i < 3 {
 							fmt.Fprintf(os.Stderr, "%s %s %s: %v\n", target, ex.Name, sc.name, err)
@@ -294,8 +310,16 @@ func summarize(lat []time.Duration, spent time.Duration) result {
 	return result{p50: lat[len(lat)/2], p95: lat[(len(lat)*95+99)/100-1], rps: float64(len(lat)) / spent.Seconds()}
 }
 
-func post(client *http.Client, url string, script []byte) error {
-	body, _ := json.Marshal(map[string]string{"script": string(script)})
+func post(client *http.Client, url string, script []byte, files []sandbox.File) error {
+	req := map[string]any{"script": string(script)}
+	if len(files) > 0 {
+		var fs []map[string]string
+		for _, f := range files {
+			fs = append(fs, map[string]string{"path": f.Path, "content": base64.StdEncoding.EncodeToString(f.Data)})
+		}
+		req["files"] = fs
+	}
+	body, _ := json.Marshal(req)
 	resp, err := client.Post(url, "application/json", bytes.NewReader(body))
 	if err != nil {
 		return err
@@ -309,7 +333,7 @@ func post(client *http.Client, url string, script []byte) error {
 }
 
 // floor runs a script in nsjail directly: the jail's command line, its descriptors, and nothing else.
-func floor(path string, args []string, script []byte) error {
+func floor(path string, args []string, script []byte, files []sandbox.File) error {
 	scriptR, scriptW, err := os.Pipe()
 	if err != nil {
 		return err
@@ -335,13 +359,13 @@ func floor(path string, args []string, script []byte) error {
 		resultR.Close()
 		return err
 	}
-	go func() { scriptW.Write(script); scriptW.Close() }()
+	go func() { scriptW.Write(sandbox.EncodeJob(script, files)); scriptW.Close() }()
 	out, _ := io.ReadAll(resultR)
 	resultR.Close()
 	if err := cmd.Wait(); err != nil {
 		return err
 	}
-	if !bytes.HasPrefix(out, []byte("SR")) {
+	if !bytes.HasPrefix(out, []byte("SR")) && !bytes.HasPrefix(out, []byte("SF")) {
 		return fmt.Errorf("no result: %q", out)
 	}
 	return nil
@@ -353,7 +377,7 @@ func report(w io.Writer, targets []string, scenarios []scenario, results map[str
 		fmt.Fprintf(w, " | %-28s", t+": p50 / p95 ms, req/s")
 	}
 	fmt.Fprintln(w)
-	for _, ex := range workload.Examples {
+	for _, ex := range examples {
 		for _, sc := range scenarios {
 			fmt.Fprintf(w, "%-8s %-34s", ex.Name, sc.name)
 			for _, t := range targets {
@@ -366,13 +390,13 @@ func report(w io.Writer, targets []string, scenarios []scenario, results map[str
 	paced, b2b, c4 := scenarios[0].name, scenarios[1].name, scenarios[2].name
 	svc, cold, fl := results["service"], results["service cold"], results["floor"]
 	fmt.Fprintf(w, "\nMemory a request's jail held at its peak (its cgroup's; median), MiB:\n")
-	for _, ex := range workload.Examples {
+	for _, ex := range examples {
 		fmt.Fprintf(w, "  %-7s service cold %6.1f   service %6.1f (forked jails hold only what they did not share with their fork server)\n",
 			ex.Name, float64(cold[ex.Name][b2b].peak)/(1<<20), float64(svc[ex.Name][b2b].peak)/(1<<20))
 	}
 	failed := 0
 	for _, t := range targets {
-		for _, ex := range workload.Examples {
+		for _, ex := range examples {
 			for _, sc := range scenarios {
 				failed += results[t][ex.Name][sc.name].failed
 			}
@@ -386,10 +410,12 @@ func report(w io.Writer, targets []string, scenarios []scenario, results map[str
 	fmt.Fprintf(w, "  service hello p50 / floor hello p50 (%s): %.2fx (target <= 0.5x)\n", b2b,
 		msf(svc["hello"][b2b].p50)/msf(fl["hello"][b2b].p50))
 	nofork := results["no fork servers"]
-	for _, ex := range workload.Examples {
+	for _, ex := range examples {
 		fmt.Fprintf(w, "  %s p50 (%s): service %.1f ms, no fork servers %.1f ms (target: no worse than without)\n", ex.Name,
 			paced, msf(svc[ex.Name][paced].p50), msf(nofork[ex.Name][paced].p50))
 	}
+	fmt.Fprintf(w, "  service plot p50 / service pandas p50 (%s): %.2fx (target <= 2x)\n", b2b,
+		msf(svc["plot"][b2b].p50)/msf(svc["pandas"][b2b].p50))
 	fmt.Fprintf(w, "  failed requests, all targets and scenarios: %d (target 0)\n", failed)
 }
 
@@ -414,7 +440,7 @@ func chart(targets []string, scenarios []scenario, results map[string]map[string
 		top, bottom := 50, 310
 		max := 0.0
 		for _, t := range targets {
-			for _, ex := range workload.Examples {
+			for _, ex := range examples {
 				if v := p.value(results[t][ex.Name][p.sc]); v > max {
 					max = v
 				}
@@ -422,9 +448,9 @@ func chart(targets []string, scenarios []scenario, results map[string]map[string
 		}
 		fmt.Fprintf(&b, `<text x="%d" y="25" font-weight="bold">%s</text>`+"\n", x0, p.title)
 		fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>`+"\n", x0, bottom, x0+panelW-20, bottom)
-		groupW := (panelW - 20) / len(workload.Examples)
+		groupW := (panelW - 20) / len(examples)
 		barW := (groupW - 20) / len(targets)
-		for gi, ex := range workload.Examples {
+		for gi, ex := range examples {
 			gx := x0 + gi*groupW + 10
 			for ti, t := range targets {
 				v := p.value(results[t][ex.Name][p.sc])

@@ -1,0 +1,257 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+func runFiles(t *testing.T, script string, files ...File) (Outcome, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := runner.Run(ctx, []byte(script), files...)
+	var se *ScriptError
+	if err != nil && !errors.As(err, &se) {
+		t.Fatalf("the sandbox itself failed: %v\nstderr: %s", err, out.Stderr)
+	}
+	return out, err
+}
+
+func decoded(t *testing.T, f OutputFile) []byte {
+	t.Helper()
+	b, err := base64.StdEncoding.DecodeString(f.Content)
+	if err != nil || int64(len(b)) != f.Size {
+		t.Fatalf("file %s: size %d, content %q", f.Path, f.Size, f.Content)
+	}
+	return b
+}
+
+func paths(files []OutputFile) string {
+	var p []string
+	for _, f := range files {
+		p = append(p, f.Path)
+	}
+	return strings.Join(p, " ")
+}
+
+// Input files arrive under /sandbox byte for byte (all 256 byte values, nested directories); what the script
+// writes comes back, sorted by path, with the inputs it left unchanged left out and the one it changed in.
+func TestFilesRoundTrip(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		var all []byte
+		for i := 0; i < 256; i++ {
+			all = append(all, byte(i))
+		}
+		out, err := runFiles(t, `import hashlib, os
+def main():
+    data = open("in/bytes.bin", "rb").read()
+    os.makedirs("out/deep/er", exist_ok=True)
+    open("out/deep/er/copy.bin", "wb").write(data[::-1])
+    open("notes.txt", "a").write("more")
+    open("b.txt", "w").write("b")
+    return [len(data), hashlib.sha256(data).hexdigest(), sorted(os.listdir("in"))]
+`, File{"in/bytes.bin", all}, File{"in/same.txt", []byte("unchanged")}, File{"notes.txt", []byte("x")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf(`[256, "%x", ["bytes.bin", "same.txt"]]`, sha256sum(all)); string(out.Result) != want {
+			t.Fatalf("result %s, want %s", out.Result, want)
+		}
+		if got := paths(out.Files); got != "b.txt notes.txt out/deep/er/copy.bin" {
+			t.Fatalf("files %s", got)
+		}
+		if b := decoded(t, out.Files[2]); len(b) != 256 || b[0] != 255 || b[255] != 0 {
+			t.Fatalf("copy.bin: %v", b)
+		}
+		if b := decoded(t, out.Files[1]); string(b) != "xmore" {
+			t.Fatalf("notes.txt %q", b)
+		}
+	})
+}
+
+// Files are returned on error too, as they stood when main() raised.
+func TestFilesOfAScriptThatRaised(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		out, err := runFiles(t, "def main():\n    open('partial.csv', 'w').write('a,b\\n')\n    raise ValueError('half way')\n")
+		var se *ScriptError
+		if !errors.As(err, &se) || se.Kind != ExecutionError || paths(out.Files) != "partial.csv" {
+			t.Fatalf("%v, files %s", err, paths(out.Files))
+		}
+	})
+}
+
+// Nothing that is not a regular file under /sandbox comes back, and nothing makes the collection hang: a symlink
+// to a file outside (and one to a file inside), a FIFO, a socket, hidden files and directories.
+func TestFilesNeverFollowedOrOpened(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		out, err := runFiles(t, `import os, socket
+def main():
+    open("/tmp/outside.txt", "w").write("outside")
+    open("real.txt", "w").write("real")
+    os.symlink("/tmp/outside.txt", "link-out.txt")
+    os.symlink("real.txt", "link-in.txt")
+    os.symlink("/proc/self/environ", "env")
+    os.mkfifo("fifo")
+    s = socket.socket(socket.AF_UNIX); s.bind("sock")
+    open(".hidden", "w").write("h")
+    os.makedirs(".dir"); open(".dir/x", "w").write("x")
+    os.makedirs("d/.e"); open("d/.e/y", "w").write("y"); open("d/z", "w").write("z")
+    return "ok"
+`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := paths(out.Files); got != "d/z real.txt" {
+			t.Fatalf("files %s", got)
+		}
+	})
+}
+
+// At most 64 files and 8 MiB: more is a ResourceLimitError with limit files.
+func TestFilesCaps(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		for _, tt := range []struct {
+			name, script string
+			fits         bool
+		}{
+			{"64 files", "def main():\n    for i in range(64):\n        open('f%02d' % i, 'w').write('x')\n", true},
+			{"65 files", "def main():\n    for i in range(65):\n        open('f%02d' % i, 'w').write('x')\n", false},
+			{"8 MiB", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * (4 << 20))\n", true},
+			{"8 MiB and a byte", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * ((4 << 20) + 1))\n", false},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				out, err := runFiles(t, tt.script)
+				var se *ScriptError
+				if tt.fits {
+					if err != nil {
+						t.Fatal(err)
+					}
+					return
+				}
+				if !errors.As(err, &se) || se.Kind != ResourceLimitError || se.Limit != LimitFiles || len(out.Files) != 0 {
+					t.Fatalf("got %v with %d files", err, len(out.Files))
+				}
+			})
+		}
+	})
+}
+
+// stderr is captured in order, capped like stdout and flagged when cut; it is empty when the script wrote none.
+func TestStderr(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		out, err := runFiles(t, `import os, sys, subprocess
+def main():
+    print("one", file=sys.stderr)
+    os.write(2, b"two\n")
+    sys.stderr.write("three\n"); sys.stderr.flush()
+    subprocess.run(["/usr/local/bin/python3", "-c", "import sys; sys.stderr.write('four\\n')"])
+    print("out")
+    return 1
+`)
+		if err != nil || out.Stderr != "one\ntwo\nthree\nfour\n" || out.Stdout != "out\n" || out.StderrTruncated {
+			t.Fatalf("%v stderr %q stdout %q", err, out.Stderr, out.Stdout)
+		}
+		out, err = runFiles(t, "import os\ndef main():\n    for _ in range(3 * 1024):\n        os.write(2, b'e' * 1024)\n    return 1\n")
+		if err != nil || !out.StderrTruncated || len(out.Stderr) != 1<<20 || strings.Trim(out.Stderr, "e") != "" {
+			t.Fatalf("%v truncated %v len %d", err, out.StderrTruncated, len(out.Stderr))
+		}
+		out, _ = runFiles(t, "def main():\n    return 1\n")
+		if out.Stderr != "" || len(out.Files) != 0 {
+			t.Fatalf("a quiet script: stderr %q files %v", out.Stderr, out.Files)
+		}
+	})
+}
+
+// A forged files frame only spoils the forger's own answer.
+func TestForgedFilesFrame(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		_, err := runFiles(t, `import os, json
+def main():
+    payload = json.dumps([{"path": "../../etc/passwd", "size": 1, "content": "eA=="}]).encode()
+    os.write(4, b"F" + len(payload).to_bytes(8, "big") + payload)
+    return 1
+`)
+		var se *ScriptError
+		if !errors.As(err, &se) || se.Kind != ExecutionError || !strings.Contains(se.Message, "result channel") {
+			t.Fatalf("got %v", err)
+		}
+	})
+}
+
+func sha256sum(b []byte) []byte {
+	sum := sha256.Sum256(b)
+	return sum[:]
+}
+
+// The server's own checks of what a request may send, and of what a jail sends back.
+func TestCheckFiles(t *testing.T) {
+	for _, tt := range []struct {
+		files []File
+		bad   int // -1: fine
+		want  string
+	}{
+		{[]File{{"a.csv", nil}, {"d/e/f.txt", nil}}, -1, ""},
+		{[]File{{"", nil}}, 0, "empty"},
+		{[]File{{"/etc/passwd", nil}}, 0, "not absolute"},
+		{[]File{{"a", nil}, {"b/../c", nil}}, 1, `".." component`},
+		{[]File{{"./a", nil}}, 0, `"." component`},
+		{[]File{{"a//b", nil}}, 0, "empty component"},
+		{[]File{{"a\x00b", nil}}, 0, "NUL"},
+		{[]File{{"x", nil}, {"y", nil}, {"x", nil}}, 2, "same as that of entry 0"},
+		{[]File{{"d", nil}, {"d/e", nil}}, 1, "below entry 0's"},
+		{[]File{{strings.Repeat("a", 256), nil}}, 0, "longer than 255"},
+	} {
+		i, err := CheckFiles(tt.files)
+		if tt.bad < 0 {
+			if err != nil {
+				t.Errorf("%v: %v", tt.files, err)
+			}
+			continue
+		}
+		if err == nil || i != tt.bad || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: entry %d, %v; want entry %d, %q", tt.files, i, err, tt.bad, tt.want)
+		}
+	}
+	many := make([]File, MaxFiles+1)
+	for i := range many {
+		many[i].Path = fmt.Sprint(i)
+	}
+	if _, err := CheckFiles(many); err == nil {
+		t.Error("65 files passed")
+	}
+}
+
+// A plot saved with matplotlib comes back as a PNG, with nothing on stderr: Agg is the backend, and the font cache
+// the runtime was installed with is there (no jail builds it).
+func TestPlot(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		out, err := runFiles(t, `import pandas as pd
+import matplotlib.pyplot as plt
+def main():
+    df = pd.read_csv("data.csv")
+    fig, ax = plt.subplots()
+    df.plot(x="day", y="visits", ax=ax)
+    fig.savefig("plots/visits.png")
+    return plt.get_backend()
+`, File{"data.csv", []byte("day,visits\n1,3\n2,5\n3,4\n")}, File{"plots/.keep", nil})
+		if err != nil {
+			t.Fatalf("%v\nstderr: %s", err, out.Stderr)
+		}
+		if !strings.EqualFold(string(out.Result), `"agg"`) || out.Stderr != "" {
+			t.Fatalf("backend %s, stderr %q", out.Result, out.Stderr)
+		}
+		if len(out.Files) != 1 || out.Files[0].Path != "plots/visits.png" {
+			t.Fatalf("files %s", paths(out.Files))
+		}
+		png := decoded(t, out.Files[0])
+		if !strings.HasPrefix(string(png), "\x89PNG\r\n\x1a\n") || len(png) < 1000 {
+			t.Fatalf("not a PNG: %q", png[:min(len(png), 16)])
+		}
+	})
+}
