@@ -150,14 +150,14 @@ const serverShare = 256 << 20
 
 // The memory set aside besides each running jail's limit, from what jails were measured to hold (TestBaseMemory,
 // and the bench's cgroup peaks):
-//   - a slot's share of the warm pools, one jail per pool (plain, numpy, numpy+pandas). Forked, a warm jail holds
-//     only the pages it did not share with its fork server, some 4-9 MiB; cold, its whole interpreter: about 9, 18
-//     and 48 MiB.
-//   - the fork servers, once: about 12, 24 and 50 MiB, and one more while a replacement starts.
+//   - a slot's share of the warm pools, one jail per pool (plain, numpy, numpy+pandas, and those with
+//     matplotlib). Forked, a warm jail holds only its own pages: what it wrote, and the copies it prefaulted of
+//     its fork server's (7 to 25 MiB); cold, its whole interpreter: about 9, 18, 48 and 75 MiB.
+//   - the fork servers, once: about 12, 24, 50 and 75 MiB, and one more while a replacement starts.
 const (
-	warmForkedPerSlot = 32 << 20
-	warmColdPerSlot   = 96 << 20
-	forkServersShare  = 160 << 20
+	warmForkedPerSlot = 64 << 20
+	warmColdPerSlot   = 160 << 20
+	forkServersShare  = 256 << 20
 )
 
 // memoryPlan is what the service sets aside: per slot (a jail at its limit and its share of the warm jails), and

@@ -440,37 +440,26 @@ func (j *jailCgroup) procsFiles() ([]*os.File, error) {
 }
 
 // memoryPeak is the most the cgroup has held.
-func (j *jailCgroup) memoryPeak() int64 {
-	if j == nil {
-		return 0
-	}
-	peakFile := filepath.Join(j.dirs[""], "memory.peak")
-	if j.mode == CgroupV1 {
-		peakFile = filepath.Join(j.dirs["memory"], "memory.max_usage_in_bytes")
-	}
-	data, err := os.ReadFile(peakFile)
-	if err != nil {
-		return 0
-	}
-	peak, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
-	return peak
-}
+func (j *jailCgroup) memoryPeak() int64 { return j.memoryFile("memory.peak", "memory.max_usage_in_bytes") }
 
 // memoryUsage is what the cgroup holds now.
-func (j *jailCgroup) memoryUsage() int64 {
+func (j *jailCgroup) memoryUsage() int64 { return j.memoryFile("memory.current", "memory.usage_in_bytes") }
+
+// memoryFile reads a number from the cgroup's memory controller: v2's file or v1's; 0 if it cannot.
+func (j *jailCgroup) memoryFile(v2, v1 string) int64 {
 	if j == nil {
 		return 0
 	}
-	usageFile := filepath.Join(j.dirs[""], "memory.current")
+	path := filepath.Join(j.dirs[""], v2)
 	if j.mode == CgroupV1 {
-		usageFile = filepath.Join(j.dirs["memory"], "memory.usage_in_bytes")
+		path = filepath.Join(j.dirs["memory"], v1)
 	}
-	data, err := os.ReadFile(usageFile)
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return 0
 	}
-	usage, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
-	return usage
+	n, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	return n
 }
 
 // signalAll sends SIGKILL to every process in the cgroup, once, without waiting for them to die.

@@ -74,9 +74,23 @@ def main(config):
         # unshare(CLONE_NEWUSER) is refused to a multithreaded process, and a fork would copy one thread only.
         sys.stderr.write("fork server: the preload started threads; refusing to serve\n")
         os._exit(3)
+    # A typical script of the preload set, once, here: what its first run sets up lazily (modules imported on first
+    # use, caches of fonts and formats) is then the fork server's, shared by every child instead of redone in each.
+    # It is trusted code with nothing of a request; what it prints goes nowhere.
+    training = TRAINING.get(config["preload"][-1] if config["preload"] else "", TRAINING[""])
+    stdout = os.dup(1)
+    devnull = os.open("/dev/null", os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        harness.exercise(training)
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
+        os.close(devnull)
     gc.collect()
     gc.freeze()  # the children share these objects' pages instead of copying them as the collector touches them
-    prefault = train(harness, config["preload"])
+    prefault = train(harness, training)
     # Not dumpable: no process of the fork server's user can read its memory or open its /proc files.
     check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: no zombies
@@ -121,11 +135,12 @@ TRAINING = {
     "matplotlib.pyplot": "import io, pandas as pd, matplotlib.pyplot as plt\ndef main():\n"
                          "    df = pd.read_csv(io.StringIO('x,y\\n1,2\\n2,4\\n3,1\\n'))\n"
                          "    fig, ax = plt.subplots()\n    df.plot(x='x', y='y', ax=ax)\n"
-                         "    buf = io.BytesIO()\n    fig.savefig(buf, format='png')\n    return len(buf.getvalue())\n",
+                         "    buf = io.BytesIO()\n    fig.savefig(buf, format='png')\n    plt.close(fig)\n"
+                         "    return len(buf.getvalue())\n",
 }
 
 
-def train(harness, preload):
+def train(harness, training):
     """Run the preload set's typical script in a child and return the address ranges it wrote to."""
     import array
 
@@ -136,7 +151,7 @@ def train(harness, preload):
             os.close(r)
             devnull = os.open("/dev/null", os.O_WRONLY)
             os.dup2(devnull, 1)
-            harness.exercise(TRAINING.get(preload[-1] if preload else "", TRAINING[""]))
+            harness.exercise(training)
             page = os.sysconf("SC_PAGE_SIZE")
             ranges = []
             with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
