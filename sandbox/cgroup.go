@@ -440,10 +440,14 @@ func (j *jailCgroup) procsFiles() ([]*os.File, error) {
 }
 
 // memoryPeak is the most the cgroup has held.
-func (j *jailCgroup) memoryPeak() int64 { return j.memoryFile("memory.peak", "memory.max_usage_in_bytes") }
+func (j *jailCgroup) memoryPeak() int64 {
+	return j.memoryFile("memory.peak", "memory.max_usage_in_bytes")
+}
 
 // memoryUsage is what the cgroup holds now.
-func (j *jailCgroup) memoryUsage() int64 { return j.memoryFile("memory.current", "memory.usage_in_bytes") }
+func (j *jailCgroup) memoryUsage() int64 {
+	return j.memoryFile("memory.current", "memory.usage_in_bytes")
+}
 
 // memoryFile reads a number from the cgroup's memory controller: v2's file or v1's; 0 if it cannot.
 func (j *jailCgroup) memoryFile(v2, v1 string) int64 {
