@@ -99,7 +99,9 @@ type errorFrame struct {
 // takes part; the result channel is the harness's, and what the script can forge there only harms its own answer.
 func classify(o observation, l Limits, maxResult int) (json.RawMessage, []OutputFile, error) {
 	result, err := classifyResult(o, l, maxResult)
-	if !o.started || o.stalled || errors.Is(err, ErrSandbox) || o.files == nil {
+	// Files go with an answer the harness finished (its result frame came whole, in time); a jail that ran out of
+	// time or ended otherwise has none to give, whatever it sent before.
+	if !o.started || o.stalled || o.timedOut || len(o.frame) == 0 || errors.Is(err, ErrSandbox) || o.files == nil {
 		return result, nil, err
 	}
 	files, ferr := readFilesFrame(o.files)
