@@ -16,6 +16,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -159,6 +160,7 @@ func TestValidation(t *testing.T) {
 		{"script over its cap", scriptBody(big + "#"), 413, "'script' is over the limit of 1048576 bytes"},
 		{"body over its cap", `{"script": "` + strings.Repeat("x", 2<<20) + `"}`, 413, "request body is over the limit of 2097152 bytes"},
 		// The script that runs is exactly the one sent: nothing is picked, replaced or repaired.
+		{"brackets only", `{"script":"x","a":` + strings.Repeat("[", 100000) + `}`, 400, `nested deeper than 32 levels`},
 		{"two script keys", `{"script": "def main(): return 1", "script": "def main(): return 2"}`, 400, `duplicate key "script"`},
 		{"a duplicate key deeper down", `{"script": "x", "a": {"b": 1, "b": 2}}`, 400, `duplicate key "b"`},
 		{"invalid UTF-8 in the script", "{\"script\": \"def main(): return '\xff'\"}", 400, "not valid UTF-8 (at byte 32)"},
@@ -468,6 +470,11 @@ func TestFilesValidation(t *testing.T) {
 	for i := range many {
 		many[i] = fileEntry(fmt.Sprintf("f%d", i), nil)
 	}
+	// 64 files, each 500 directories deep: every path passes, together they need 32,000 inodes.
+	deep := make([]any, 64)
+	for i := range deep {
+		deep[i] = fileEntry(fmt.Sprintf("x%02d/", i)+strings.Repeat("d/", 500)+"f", nil)
+	}
 	tests := []struct {
 		name, body, message string
 	}{
@@ -483,7 +490,11 @@ func TestFilesValidation(t *testing.T) {
 		{"unknown field", filesBody(script, map[string]string{"path": "a", "content": "", "mode": "0777"}), `files[0] ("a") has an unknown field "mode"`},
 		{"not an object", filesBody(script, "a.csv"), `files[0] must be an object`},
 		{"not an array", `{"script":"def main(): pass","files":{"a":"b"}}`, `'files' must be an array`},
-		{"more than 64", filesBody(script, many...), `'files' has 65 entries, more than 64`},
+		{"more than 64", filesBody(script, many...), `'files' has more than 64 entries`},
+		{"more inodes than /sandbox has", filesBody(script, deep...), `need more than the 4096 inodes /sandbox has`},
+		{"base64 with a line break", filesBody(script, map[string]string{"path": "a", "content": "aGk=\n"}), `'content' is not valid base64`},
+		{"base64 with stray bits", filesBody(script, map[string]string{"path": "a", "content": "YR=="}), `'content' is not valid base64`},
+		{"nested too deeply", `{"script":"x","files":` + strings.Repeat("[", 40) + strings.Repeat("]", 40) + `}`, `nested deeper than 32 levels`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -567,5 +578,30 @@ func TestAnswersUnchangedByteForByte(t *testing.T) {
 		if string(r.body) != tt.want {
 			t.Errorf("body\n  %q\nwant\n  %q", r.body, tt.want)
 		}
+	}
+}
+
+// Decoding a body costs memory of the order of its size, whatever its shape: a body of 2 MiB of brackets, or of a
+// million empty files entries, is refused without the decoder's stacks or a million entries.
+func TestDecodingCostIsBounded(t *testing.T) {
+	for name, body := range map[string]string{
+		"brackets":      `{"script":"x","files":` + strings.Repeat("[", 2<<20-40) + `}`,
+		"objects":       `{"script":"x","a":` + strings.Repeat(`{"a":`, (2<<20-40)/5) + `}`,
+		"files entries": `{"script":"x","files":[` + strings.Repeat(`{},`, (2<<20-40)/3) + `{}]}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			r := httptest.NewRequest(http.MethodPost, "/execute", strings.NewReader(body))
+			_, status, verr := decodeRequest(httptest.NewRecorder(), r, 2<<20, 1<<20, 4096)
+			runtime.ReadMemStats(&after)
+			if verr == nil || status != 400 {
+				t.Fatalf("accepted: %d %v", status, verr)
+			}
+			if allocated := after.TotalAlloc - before.TotalAlloc; allocated > 16*uint64(len(body)) {
+				t.Fatalf("decoding a %d-byte body allocated %d MiB", len(body), allocated>>20)
+			}
+		})
 	}
 }

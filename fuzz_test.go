@@ -26,7 +26,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		r := httptest.NewRequest(http.MethodPost, "/execute", bytes.NewReader(body))
 		w := httptest.NewRecorder()
-		req, status, verr := decodeRequest(w, r, maxBody, maxScript)
+		req, status, verr := decodeRequest(w, r, maxBody, maxScript, 4096)
 		script := req.Script
 		if verr != nil {
 			if verr.Type != "ValidationError" || (status != 400 && status != 413) || verr.Message == "" {
@@ -50,7 +50,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err := json.Unmarshal(body, &fields); err != nil || len(fields) != 1+len(fields["files"][:min(len(fields["files"]), 1)]) {
 			t.Fatalf("accepted a body that is not an object of 'script' and perhaps 'files': %q", body)
 		}
-		if _, err := sandbox.CheckFiles(req.Files); err != nil {
+		if _, err := sandbox.CheckFiles(req.Files, 4096); err != nil {
 			t.Fatalf("accepted files the sandbox refuses (%v): %q", err, body)
 		}
 		var s string

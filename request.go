@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -29,7 +30,7 @@ type executeRequest struct {
 // decodeRequest reads a request body strictly: valid UTF-8, one JSON object with no duplicate keys and no lone
 // surrogate escapes (which a decoder would silently replace), with a non-empty string "script" and optionally
 // "files". The script that runs, and the files it finds, are exactly the ones that were sent, or nothing runs.
-func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript int) (executeRequest, int, *apiError) {
+func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript, maxInodes int) (executeRequest, int, *apiError) {
 	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
 		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
 	}
@@ -88,7 +89,7 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScr
 	var files []sandbox.File
 	if raw, ok := fields["files"]; ok {
 		var msg string
-		if files, msg = decodeFiles(raw); msg != "" {
+		if files, msg = decodeFiles(raw, maxInodes); msg != "" {
 			return invalid(http.StatusBadRequest, "%s", msg)
 		}
 	}
@@ -97,13 +98,25 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScr
 
 // decodeFiles reads the request's files: an array of at most sandbox.MaxFiles objects, each exactly a relative
 // "path" and a "content" in standard base64. What is wrong is said of the entry, by index and path.
-func decodeFiles(raw json.RawMessage) ([]sandbox.File, string) {
-	var entries []json.RawMessage
-	if len(raw) == 0 || raw[0] != '[' || json.Unmarshal(raw, &entries) != nil {
-		return nil, "'files' must be an array of {\"path\", \"content\"} objects"
+func decodeFiles(raw json.RawMessage, maxInodes int) ([]sandbox.File, string) {
+	notArray := "'files' must be an array of {\"path\", \"content\"} objects"
+	if len(raw) == 0 || raw[0] != '[' {
+		return nil, notArray
 	}
-	if len(entries) > sandbox.MaxFiles {
-		return nil, fmt.Sprintf("'files' has %d entries, more than %d", len(entries), sandbox.MaxFiles)
+	// Entry by entry, and no further than one past the cap: an array of a million empty objects is refused
+	// without a million of anything.
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.Token() // [
+	var entries []json.RawMessage
+	for dec.More() {
+		if len(entries) == sandbox.MaxFiles {
+			return nil, fmt.Sprintf("'files' has more than %d entries", sandbox.MaxFiles)
+		}
+		var e json.RawMessage
+		if dec.Decode(&e) != nil {
+			return nil, notArray
+		}
+		entries = append(entries, e)
 	}
 	files := make([]sandbox.File, len(entries))
 	for i, e := range entries {
@@ -132,13 +145,14 @@ func decodeFiles(raw json.RawMessage) ([]sandbox.File, string) {
 		if len(rawContent) == 0 || rawContent[0] != '"' || json.Unmarshal(rawContent, &content) != nil {
 			return nil, fmt.Sprintf("%s: 'content' must be a string of base64", name)
 		}
-		data, err := base64.StdEncoding.DecodeString(content)
-		if err != nil {
+		// Strict: padding, no line breaks (which Go's decoder would skip), no bits beyond the last byte.
+		data, err := base64.StdEncoding.Strict().DecodeString(content)
+		if err != nil || strings.ContainsAny(content, "\r\n") {
 			return nil, fmt.Sprintf("%s: 'content' is not valid base64 (standard alphabet, with padding)", name)
 		}
 		files[i] = sandbox.File{Path: path, Data: data}
 	}
-	if i, err := sandbox.CheckFiles(files); err != nil {
+	if i, err := sandbox.CheckFiles(files, maxInodes); err != nil {
 		return nil, fmt.Sprintf("files[%d] (%s): %s", i, strconv.Quote(clip(files[i].Path, 100)), err.Error())
 	}
 	return files, ""
@@ -160,6 +174,10 @@ func invalidUTF8At(b []byte) int {
 	}
 	return -1
 }
+
+// maxDepth bounds the nesting of a request body. The contract's deepest is 3 (the body, files, an entry); a body of
+// nothing but brackets would otherwise cost the decoder's stacks many times its size in memory, before any queue.
+const maxDepth = 32
 
 // checkJSON accepts exactly one JSON object whose objects, at every depth, have no duplicate keys, and whose
 // strings escape no lone surrogate. Errors are written for the client.
@@ -212,6 +230,9 @@ func checkJSON(body []byte) error {
 			if top.keys[key] {
 				return fmt.Errorf("request body has a duplicate key %s", strconv.Quote(key))
 			}
+			if top.keys == nil { // made on an object's first key: an empty object costs no map
+				top.keys = map[string]bool{}
+			}
 			top.keys[key] = true
 			top.wantKey = false
 			continue
@@ -220,10 +241,11 @@ func checkJSON(body []byte) error {
 			top.wantKey = true // this token is the value (or opens it)
 		}
 		switch tok {
-		case json.Delim('{'):
-			stack = append(stack, &frame{object: true, keys: map[string]bool{}, wantKey: true})
-		case json.Delim('['):
-			stack = append(stack, &frame{})
+		case json.Delim('{'), json.Delim('['):
+			if len(stack) >= maxDepth {
+				return fmt.Errorf("request body is nested deeper than %d levels", maxDepth)
+			}
+			stack = append(stack, &frame{object: tok == json.Delim('{'), wantKey: tok == json.Delim('{')})
 		case json.Delim(']'):
 			stack = stack[:len(stack)-1]
 		}

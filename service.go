@@ -172,7 +172,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 		return s.overloaded(w, nil, time.Second, "the server is reading too many request bodies at once; retry later")
 	}
 	defer s.bodies.give(held)
-	req, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes)
+	req, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
 	if verr != nil {
 		writeError(w, status, *verr, nil)
 		return []slog.Attr{slog.String("outcome", verr.Type)}

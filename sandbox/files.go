@@ -31,8 +31,9 @@ type OutputFile struct {
 
 // The caps on what a request's files may be. Input files are bounded by the request's body cap.
 const (
-	// maxFilesFrame bounds the files frame: MaxOutputBytes in base64, and their paths and JSON.
-	maxFilesFrame     = MaxOutputBytes/3*4 + 256<<10
+	// maxFilesFrame bounds the files frame: MaxOutputBytes in base64, and each file's path (a byte may be escaped
+	// to six in JSON), size and the JSON around them.
+	maxFilesFrame     = (MaxOutputBytes+2)/3*4 + MaxFiles*(6*maxPathBytes+128) + 1024
 	MaxFiles          = 64      // in a request, and in an answer
 	MaxOutputBytes    = 8 << 20 // all output files together
 	maxPathBytes      = 1024
@@ -75,9 +76,10 @@ func hidden(p string) bool {
 	return false
 }
 
-// CheckFiles checks a request's files as a whole: each path, no duplicates, and no path that is both a file and a
-// directory of another. It returns the index of the entry at fault.
-func CheckFiles(files []File) (int, error) {
+// CheckFiles checks a request's files as a whole: each path, no duplicates, no path that is both a file and a
+// directory of another, and no more files and directories than /sandbox has inodes (maxInodes). It returns the
+// index of the entry at fault.
+func CheckFiles(files []File, maxInodes int) (int, error) {
 	if len(files) > MaxFiles {
 		return MaxFiles, fmt.Errorf("more than %d files", MaxFiles)
 	}
@@ -91,11 +93,17 @@ func CheckFiles(files []File) (int, error) {
 		}
 		seen[f.Path] = i
 	}
+	dirs := map[string]bool{}
 	for i, f := range files {
 		for dir := path.Dir(f.Path); dir != "."; dir = path.Dir(dir) {
 			if j, ok := seen[dir]; ok {
 				return i, fmt.Errorf("the path is below entry %d's, which is a file", j)
 			}
+			dirs[dir] = true
+		}
+		// /sandbox itself is one inode.
+		if n := len(dirs) + i + 2; n > maxInodes {
+			return i, fmt.Errorf("the files and their directories need more than the %d inodes /sandbox has", maxInodes)
 		}
 	}
 	return 0, nil

@@ -207,7 +207,7 @@ func TestCheckFiles(t *testing.T) {
 		{[]File{{"d", nil}, {"d/e", nil}}, 1, "below entry 0's"},
 		{[]File{{strings.Repeat("a", 256), nil}}, 0, "longer than 255"},
 	} {
-		i, err := CheckFiles(tt.files)
+		i, err := CheckFiles(tt.files, 4096)
 		if tt.bad < 0 {
 			if err != nil {
 				t.Errorf("%v: %v", tt.files, err)
@@ -222,8 +222,11 @@ func TestCheckFiles(t *testing.T) {
 	for i := range many {
 		many[i].Path = fmt.Sprint(i)
 	}
-	if _, err := CheckFiles(many); err == nil {
+	if _, err := CheckFiles(many, 4096); err == nil {
 		t.Error("65 files passed")
+	}
+	if i, err := CheckFiles([]File{{"a/b/c", nil}, {"a/b/d", nil}, {"e/f", nil}}, 6); err == nil || i != 2 {
+		t.Errorf("7 inodes in 6: entry %d, %v", i, err)
 	}
 }
 
@@ -252,6 +255,61 @@ def main():
 		png := decoded(t, out.Files[0])
 		if !strings.HasPrefix(string(png), "\x89PNG\r\n\x1a\n") || len(png) < 1000 {
 			t.Fatalf("not a PNG: %q", png[:min(len(png), 16)])
+		}
+	})
+}
+
+// A tree deeper than an answer's paths may go is the files limit, not a crash or a silent cut; and a directory
+// swapped for a symlink while the harness collects never leads it out of /sandbox.
+func TestFilesDeepAndSwapped(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		_, err := runFiles(t, "import os\ndef main():\n    os.makedirs('/'.join(['d'] * 600))\n    open('/'.join(['d'] * 600) + '/f', 'w').write('x')\n    return 1\n")
+		var se *ScriptError
+		if !errors.As(err, &se) || se.Limit != LimitFiles {
+			t.Fatalf("a tree 600 deep: %v", err)
+		}
+		for i := 0; i < 5; i++ {
+			out, err := runFiles(t, `import os, subprocess, time
+def main():
+    os.makedirs("d"); open("d/in.txt", "w").write("in")
+    subprocess.Popen(["/usr/local/bin/python3", "-c", """
+import os
+while True:
+    try:
+        os.rename("d", "d.real"); os.symlink("/usr/local/lib", "d")
+        os.unlink("d"); os.rename("d.real", "d")
+    except OSError:
+        pass
+"""])
+    time.sleep(0.05)
+    return 1
+`)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range out.Files {
+				if f.Path != "d/in.txt" && f.Path != "d.real/in.txt" { // its two names as the swapper renames it
+					t.Fatalf("collected %s: the walk left /sandbox", f.Path)
+				}
+			}
+		}
+	})
+}
+
+// Files within the caps come back whatever their names: 64 files of 8 MiB in all, under paths of control
+// characters near the path limit (JSON writes each such byte as six).
+func TestFilesWithEscapedNames(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		out, err := runFiles(t, `import os
+def main():
+    d = "/".join(["\x01" * 250] * 4)
+    os.makedirs(d)
+    for i in range(64):
+        open("%s/f%02d" % (d, i), "wb").write(b"x" * (128 << 10))
+    return 1
+`)
+		if err != nil || len(out.Files) != 64 {
+			t.Fatalf("%v, %d files", err, len(out.Files))
 		}
 	})
 }

@@ -324,3 +324,30 @@ func TestCloseLeavesNothing(t *testing.T) {
 }
 
 func statUID(st os.FileInfo) uint32 { return st.Sys().(*syscall.Stat_t).Uid }
+
+// A script's jail (and so its memory: what the fork server holds is taken off a forked jail's limit) is chosen by
+// what it imports, never by a name in a comment or a string.
+func TestImportsChooseTheJail(t *testing.T) {
+	for _, tt := range []struct {
+		source string
+		want   int
+	}{
+		{"def main(): return 1", 0},
+		{"import numpy as np", 1},
+		{"def main():\n    import os, pandas as pd\n", 2},
+		{"from matplotlib import pyplot", 3},
+		{"import matplotlib.pyplot as plt", 3},
+		{"# pandas and matplotlib are not used here\ndef main(): return 'matplotlib'", 0},
+		{"x = 'import pandas'", 0},
+		{"import numpyx", 0},
+	} {
+		if got := forkedRunner.preloadIndex([]byte(tt.source)); got != tt.want {
+			t.Errorf("%q: preload set %d, want %d", tt.source, got, tt.want)
+		}
+	}
+	r := newForked(t, 0, nil)
+	out, err := runWith(t, r, "# pandas, numpy and matplotlib: none of them\ndef main():\n    a = bytearray(230 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n")
+	if err != nil || !out.Forked {
+		t.Fatalf("230 MiB with a comment that names packages, forked=%v: %v", out.Forked, err)
+	}
+}

@@ -218,8 +218,12 @@ def child(req, fds, plan, harness, prefault):
         with open(path, "w") as f:
             f.write(text)
 
+    # A session and process group of its own, as nsjail gives a cold jail: kill(0, ...) from the script reaches
+    # its own jail, never the supervisor, the fork server or a sibling.
+    os.setsid()
     pid1 = os.fork()
     if pid1 == 0:
+        os.setsid()
         os.close(5)
         build_jail(plan)
         harness.set_rlimits(plan["rlimits"])

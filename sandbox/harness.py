@@ -189,65 +189,79 @@ class TooManyFiles(Exception):
 
 def collect_outputs(inputs, max_files, max_bytes):
     """The regular files under /sandbox, sorted by path, less the hidden ones (a component starting with a dot)
-    and the inputs left unchanged. Symlinks are not followed, and FIFOs, sockets and devices are never opened."""
+    and the inputs left unchanged. The walk holds each directory open and opens what is in it relative to it,
+    never following a symlink (O_NOFOLLOW on every component), and never opens a FIFO, socket or device for
+    reading (O_NONBLOCK, then fstat): what a script swaps in while it runs cannot lead it out of /sandbox or
+    make it wait."""
     import base64
+    import errno
     import hashlib
     import stat
 
-    paths = []
-    stack = [""]
-    while stack:
-        rel = stack.pop()
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    found = []  # (path, data)
+    total = 0
+
+    def walk(dir_fd, rel):
+        nonlocal total
         try:
-            entries = list(os.scandir("/sandbox/" + rel))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
+            names = sorted(os.listdir(dir_fd))
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):  # deeper than the descriptors the walk may hold
+                raise TooManyFiles()
+            return
+        for name in names:
+            if name.startswith("."):
                 continue
-            path = rel + entry.name
+            path = rel + name
             try:
                 path.encode("utf-8")
             except UnicodeEncodeError:
                 continue  # a name that is not UTF-8 cannot be named in the answer
+            if len(path.encode("utf-8")) > 1024:
+                raise TooManyFiles()  # deeper or longer than an answer's path may be
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(path + "/")
-                elif entry.is_file(follow_symlinks=False):
-                    paths.append(path)
-            except OSError:
-                continue
-    out, total = [], 0
-    for path in sorted(paths):
-        if len(path.encode("utf-8")) > 1024:
-            raise TooManyFiles()
-        try:
-            # O_NONBLOCK: a file swapped for a FIFO since the listing is not waited on; fstat says what it is.
-            fd = os.open("/sandbox/" + path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            chunks, size = [], 0
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if total + size > max_bytes:
+                fd = os.open(name, flags, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
                     raise TooManyFiles()
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        if inputs.get(path) == hashlib.sha256(data).digest():
-            continue
-        total += len(data)
-        out.append({"path": path, "size": len(data), "content": base64.b64encode(data).decode("ascii")})
-        if len(out) > max_files:
-            raise TooManyFiles()
-    return out
+                continue  # a symlink (ELOOP), or gone
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    walk(fd, path + "/")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                chunks, size = [], 0
+                while True:
+                    chunk = os.read(fd, 1 << 20)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if total + size > max_bytes:
+                        raise TooManyFiles()
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            data = b"".join(chunks)
+            if inputs.get(path) == hashlib.sha256(data).digest():
+                continue
+            total += len(data)
+            found.append((path, data))
+            if len(found) > max_files:
+                raise TooManyFiles()
+
+    try:
+        root = os.open("/sandbox", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        walk(root, "")
+    finally:
+        os.close(root)
+    found.sort()
+    return [{"path": p, "size": len(d), "content": base64.b64encode(d).decode("ascii")} for p, d in found]
 
 
 def exercise(source):

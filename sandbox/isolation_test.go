@@ -2,12 +2,14 @@ package sandbox
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -354,6 +356,36 @@ def main():
 		}
 		if res.CPUCount < 1 || res.Self != "Name:" {
 			t.Errorf("what a script needs of /proc broke: cpu_count %d, /proc/self/status %q", res.CPUCount, res.Self)
+		}
+	})
+}
+
+// A jail is a session and process group of its own: kill(0, sig) reaches its own processes only. Forked jails
+// once shared the fork server's session, so a script could kill its own supervisor (a 500) and wake a stopped
+// sibling with SIGCONT (a channel between requests).
+func TestSignalsStayInTheJail(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, "import os\ndef main():\n    return [os.getpgrp(), os.getsid(0)]\n")
+		if got != "[1, 1]" {
+			t.Fatalf("process group and session %s, want the jail's init's [1, 1]", got)
+		}
+		mustFail(t, "import os, signal\ndef main():\n    os.kill(0, signal.SIGKILL)\n", ExecutionError, "")
+
+		// A stops itself; B, concurrent, sends SIGCONT to its own process group for a second. A must stay stopped
+		// until its deadline.
+		var wg sync.WaitGroup
+		wg.Add(1)
+		var stoppedErr error
+		go func() {
+			defer wg.Done()
+			_, stoppedErr = run(t, "import os, signal, time\ndef main():\n    os.kill(os.getpid(), signal.SIGSTOP)\n    return 'woken'\n")
+		}()
+		time.Sleep(300 * time.Millisecond)
+		mustRun(t, "import os, signal, time\ndef main():\n    end = time.time() + 1\n    while time.time() < end:\n        os.kill(0, signal.SIGCONT)\n    return 1\n")
+		wg.Wait()
+		var se *ScriptError
+		if !errors.As(stoppedErr, &se) || se.Kind != TimeoutError {
+			t.Fatalf("a stopped script next to one sending SIGCONT to its group: %v", stoppedErr)
 		}
 	})
 }

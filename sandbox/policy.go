@@ -18,6 +18,7 @@ type Limits struct {
 	CPUSeconds  int64         // rlimit_cpu
 	FileSizeMiB int64         // rlimit_fsize
 	TmpfsBytes  int64         // the size= of the /sandbox tmpfs
+	TmpfsInodes int           // its nr_inodes=
 	// Rlimits is every resource limit a jail's processes get, by its name in Python's resource module: the ones
 	// nsjail.cfg declares (nsjail applies them) and pinnedRlimits (the harness applies them).
 	Rlimits map[string]Rlimit
@@ -108,8 +109,14 @@ func ReadLimits(path string) (Limits, error) {
 				if v, ok := strings.CutPrefix(o, "size="); ok {
 					l.TmpfsBytes, _ = strconv.ParseInt(v, 10, 64)
 				}
+				if v, ok := strings.CutPrefix(o, "nr_inodes="); ok {
+					l.TmpfsInodes, _ = strconv.Atoi(v)
+				}
 			}
 		}
+	}
+	if l.TmpfsBytes <= 0 || l.TmpfsInodes <= 0 {
+		return Limits{}, fmt.Errorf("%s: the /sandbox tmpfs must have its size= and nr_inodes= written down", path)
 	}
 	if l.Rlimits, err = readRlimits(cfg); err != nil {
 		return Limits{}, fmt.Errorf("%s: %w", path, err)

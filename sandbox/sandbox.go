@@ -6,7 +6,6 @@
 package sandbox
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	_ "embed"
@@ -18,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -82,10 +82,11 @@ type Runner struct {
 	cgroupErr  error
 	harnessDir string
 	uids       *uidPool
-	opts       []string // nsjail's options, rendered once; each jail adds its uid
-	command    []string // what nsjail runs; the harness's configuration is added per jail
-	forks      *forking // nil: every jail is cold
-	forkNote   string   // why there are no fork servers
+	opts       []string         // nsjail's options, rendered once; each jail adds its uid
+	command    []string         // what nsjail runs; the harness's configuration is added per jail
+	imports    []*regexp.Regexp // imports[i]: a script imports Preload[i]'s package
+	forks      *forking         // nil: every jail is cold
+	forkNote   string           // why there are no fork servers
 	forkFails  atomic.Int64
 	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
 	cleanups   sync.WaitGroup // jails being destroyed in the background
@@ -198,6 +199,9 @@ func New(cfg Config) (*Runner, error) {
 		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{uint64(limits.Processes + 1), uint64(limits.Processes + 1)}
 	}
 	r.limits, r.opts = limits, opts
+	for _, m := range cfg.Preload {
+		r.imports = append(r.imports, importPattern(m))
+	}
 	if r.cfg.Busy == nil {
 		cpus := int64(runtime.NumCPU())
 		r.cfg.Busy = func() bool { return r.running.Load() >= cpus }
@@ -277,18 +281,23 @@ func (r *Runner) takeWarm(script []byte) *jail {
 	return nil
 }
 
-// preloadIndex is the largest prefix of Preload whose last module's package the script names anywhere in its
-// source ("matplotlib" for matplotlib.pyplot, so that `from matplotlib import pyplot` counts too).
+// preloadIndex is the largest prefix of Preload whose last module's package the script imports: an import or
+// from statement that names it ("matplotlib" for matplotlib.pyplot, so that `from matplotlib import pyplot`
+// counts too). A name in a comment or a string does not count: the preload set decides the jail's memory (what
+// the fork server holds is taken off it), so only what the script really imports may choose it.
 func (r *Runner) preloadIndex(script []byte) int {
-	i := len(r.cfg.Preload)
-	for i > 0 {
-		pkg, _, _ := strings.Cut(r.cfg.Preload[i-1], ".")
-		if bytes.Contains(script, []byte(pkg)) {
-			break
-		}
+	i := len(r.imports)
+	for i > 0 && !r.imports[i-1].Match(script) {
 		i--
 	}
 	return i
+}
+
+// importPattern matches a line that imports pkg.
+func importPattern(module string) *regexp.Regexp {
+	pkg, _, _ := strings.Cut(module, ".")
+	q := regexp.QuoteMeta(pkg)
+	return regexp.MustCompile(`(?m)^[ \t]*(?:from[ \t]+` + q + `\b|import[ \t]+[^\n#]*\b` + q + `\b)`)
 }
 
 // Close stops the pools, destroys their warm jails, and removes what New created.
