@@ -82,21 +82,7 @@ func TestFunctionsFrameworkServesTheContract(t *testing.T) {
 	s := startFramework(t, "K_SERVICE=safe-py", "GCE_METADATA_HOST="+md.Host)
 	s.WaitHealthy(t)
 
-	examples := []struct {
-		name, body string
-		status     int
-		want       string
-	}{
-		{"hello", `{"script":"def main():\n    print('hello')\n    return {'ok': True}\n"}`,
-			200, `{"result": {"ok": true}, "stdout": "hello\n"}`},
-		{"numpy", `{"script":"def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n"}`,
-			200, `{"result": {"sum": 6}, "stdout": "[0 1 2]\n"}`},
-		{"pandas", `{"script":"def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n"}`,
-			200, `{"result": {"rows": 3}, "stdout": "['bin', 'dev', 'lib', 'lib64', 'proc']\n"}`},
-		{"empty object", `{}`,
-			400, `{"error": {"type": "ValidationError", "message": "missing 'script' field"}}`},
-	}
-	for _, tt := range examples {
+	for _, tt := range contractExamples {
 		t.Run("example "+tt.name, func(t *testing.T) {
 			a := request(t, s.URL, "POST", "/execute", tt.body, nil)
 			if a.status != tt.status {

@@ -104,23 +104,24 @@ func jsonEqual(t *testing.T, got []byte, want string) {
 	}
 }
 
-// The contract's examples, exactly as the README shows them.
+// contractExamples are the contract's examples, exactly as the README shows them: every way of serving runs them.
+var contractExamples = []struct {
+	name, body string
+	status     int
+	want       string
+}{
+	{"hello", `{"script":"def main():\n    print('hello')\n    return {'ok': True}\n"}`,
+		200, `{"result": {"ok": true}, "stdout": "hello\n"}`},
+	{"numpy", `{"script":"def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n"}`,
+		200, `{"result": {"sum": 6}, "stdout": "[0 1 2]\n"}`},
+	{"pandas", `{"script":"def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n"}`,
+		200, `{"result": {"rows": 3}, "stdout": "['bin', 'dev', 'lib', 'lib64', 'proc']\n"}`},
+	{"empty object", `{}`,
+		400, `{"error": {"type": "ValidationError", "message": "missing 'script' field"}}`},
+}
+
 func TestContractExamples(t *testing.T) {
-	tests := []struct {
-		name, body string
-		status     int
-		want       string
-	}{
-		{"hello", `{"script":"def main():\n    print('hello')\n    return {'ok': True}\n"}`,
-			200, `{"result": {"ok": true}, "stdout": "hello\n"}`},
-		{"numpy", `{"script":"def main():\n    import numpy as np\n    print(np.arange(3))\n    return {\"sum\": int(np.sum([1,2,3])) }\n"}`,
-			200, `{"result": {"sum": 6}, "stdout": "[0 1 2]\n"}`},
-		{"pandas", `{"script":"def main():\n    import os, pandas as pd\n    print(list(sorted(os.listdir(\"/\")))[:5])\n    return { \"rows\": int(pd.DataFrame({\"a\":[1,2,3]}).shape[0]) }\n"}`,
-			200, `{"result": {"rows": 3}, "stdout": "['bin', 'dev', 'lib', 'lib64', 'proc']\n"}`},
-		{"empty object", `{}`,
-			400, `{"error": {"type": "ValidationError", "message": "missing 'script' field"}}`},
-	}
-	for _, tt := range tests {
+	for _, tt := range contractExamples {
 		t.Run(tt.name, func(t *testing.T) {
 			r := post(t, tt.body)
 			if r.status != tt.status {
