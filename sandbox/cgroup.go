@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -474,19 +475,66 @@ func (j *jailCgroup) signalAll() (left bool) {
 	if j.mode == CgroupV2 {
 		_ = writeFile(filepath.Join(j.dirs[""], "cgroup.kill"), "1") // kernels since 5.14; the pids below cover older ones
 	}
+	return j.signal(unix.SIGKILL, false, nil)
+}
+
+// stopAll stops every process in the cgroup: none of them runs again, and none of them exits yet (see
+// killInTurn). It returns once every process is stopped at the same moment, so that none is left running to wake
+// another or to fork a new one; a cgroup that does not come to rest within a bound is killed instead.
+func (j *jailCgroup) stopAll() {
+	if j == nil {
+		return
+	}
+	for i := 0; i < 200; i++ {
+		if !j.signal(unix.SIGSTOP, false, inState("TtZX")) {
+			return
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	j.signalAll()
+}
+
+// killInTurn kills the cgroup's processes one at a time, each gone before the next is killed. A process forked
+// from a fork server shares its page tables' worth of the fork server's memory, and taking that down is
+// milliseconds of the kernel's CPU time: one at a time, it never takes both CPUs of a small machine from the server
+// answering meanwhile. killAll remains the backstop.
+func (j *jailCgroup) killInTurn() {
+	for i := 0; i < 64 && j != nil && j.signal(unix.SIGKILL, true, inState("ZX")); i++ {
+	}
+}
+
+// signal sends sig to every process in the cgroup but those skip reports (with one, to the first, and waits up to
+// a second for its end), and reports whether it found any.
+func (j *jailCgroup) signal(sig unix.Signal, one bool, skip func(pid int) bool) (found bool) {
 	for _, dir := range j.dirs {
 		data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
 		if err != nil {
 			continue
 		}
 		for _, f := range strings.Fields(string(data)) {
-			if pid, err := strconv.Atoi(f); err == nil && pid > 0 && pid != os.Getpid() {
-				left = true
-				killIfIn(pid, dir)
+			pid, err := strconv.Atoi(f)
+			if err != nil || pid <= 0 || pid == os.Getpid() || skip != nil && skip(pid) {
+				continue
+			}
+			found = true
+			if signalIfIn(pid, dir, sig, one) && one {
+				return true
 			}
 		}
 	}
-	return left
+	return found
+}
+
+// inState returns a test of whether a process is in one of the states (as /proc/PID/stat has them), or gone.
+func inState(states string) func(pid int) bool {
+	return func(pid int) bool {
+		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return true
+		}
+		i := bytes.LastIndexByte(stat, ')') // the command's name may hold anything, a ')' too
+		return i < 0 || i+2 >= len(stat) || strings.IndexByte(states, stat[i+2]) >= 0
+	}
 }
 
 // killAll kills every process left in the cgroup and waits until it is empty.
@@ -496,23 +544,30 @@ func (j *jailCgroup) killAll() {
 	}
 }
 
-// killIfIn kills pid if it is still in the cgroup dir. A pidfd pins the process, so a pid that was reused after
-// the cgroup listed it is never signalled: the check runs on the process the pidfd holds.
-func killIfIn(pid int, dir string) {
+// signalIfIn sends sig to pid if it is still in the cgroup dir, and reports whether it did; with wait, it then
+// waits up to a second for the process to end. A pidfd pins the process, so a pid that was reused after the
+// cgroup listed it is never signalled: the check runs on the process the pidfd holds.
+func signalIfIn(pid int, dir string, sig unix.Signal, wait bool) bool {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
-		return // gone already
+		return false // gone already
 	}
 	defer unix.Close(fd)
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
 	if err != nil {
-		return
+		return false
 	}
 	rel := "/safepy/" + filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir) // how /proc/PID/cgroup ends the jail's path
 	if !strings.Contains(string(data), rel+"\n") {
-		return
+		return false
 	}
-	_ = unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
+	if unix.PidfdSendSignal(fd, sig, nil, 0) != nil {
+		return false
+	}
+	if wait {
+		_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 1000) // readable once it has ended
+	}
+	return true
 }
 
 // events reports whether the OOM killer ran in the cgroup and whether a fork was refused by its process limit.

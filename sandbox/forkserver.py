@@ -97,7 +97,7 @@ def main(config):
     ctl = socket.socket(fileno=CTL_FD)
     # Ready, and how much a warm child prefaults: the server adds it to a warm child's memory limit, since those
     # copies of the fork server's pages are charged to the child on top of what the fork server holds.
-    ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault)}).encode())
+    ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault["write"])}).encode())
     plan = config["plan"]
     while True:
         try:
@@ -114,7 +114,7 @@ def main(config):
         if pid == 0:
             try:
                 req = json.loads(msg)
-                child(req, fds, plan, harness, prefault if req.get("warm") else [])
+                child(req, fds, plan, harness, prefault if req.get("warm") else None)
             except BaseException as exc:
                 try:
                     os.write(2, ("fork server child: %s\n" % exc).encode())
@@ -126,7 +126,8 @@ def main(config):
 
 # What a typical script of each preload set does, run once by a training child of the fork server (trusted code,
 # no request's). The pages it writes are the ones a request's process would copy from the fork server on first
-# write; a warm jail copies them ahead of time (prefaults them), so that a request does not wait on it.
+# write, and the code it runs is what a request's process would fault in again; a warm jail does both ahead of time
+# (prefaults them), so that a request does not wait on it.
 TRAINING = {
     "": "def main():\n    print('hello')\n    return {'ok': True}\n",
     "numpy": "import numpy as np\ndef main():\n    print(np.arange(3))\n    return {'sum': int(np.sum([1, 2, 3]))}\n",
@@ -141,7 +142,8 @@ TRAINING = {
 
 
 def train(harness, training):
-    """Run the preload set's typical script in a child and return the address ranges it wrote to."""
+    """Run the preload set's typical script in a child and return what it touched: the address ranges it wrote to
+    ("write") and the pages of the libraries' code and read-only data it read ("read")."""
     import array
 
     r, w = os.pipe()
@@ -153,24 +155,32 @@ def train(harness, training):
             os.dup2(devnull, 1)
             harness.exercise(training)
             page = os.sysconf("SC_PAGE_SIZE")
-            ranges = []
+            touched = {"write": [], "read": []}
             with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
                 for line in maps:
                     fields = line.split()
-                    if fields[1] != "rw-p":
+                    if fields[1] == "rw-p":
+                        # Written since the fork: present, and this process's alone.
+                        kind, wanted = "write", lambda e: e >> 63 & 1 and e >> 56 & 1
+                    elif fields[1] in ("r-xp", "r--p") and len(fields) > 5 and fields[5].startswith("/"):
+                        # A fork does not copy the page tables of a file's read-only mapping: each child faults
+                        # in again every page of code it runs. Present here: the training ran it.
+                        kind, wanted = "read", lambda e: e >> 63 & 1
+                    else:
                         continue
+                    ranges = touched[kind]
                     lo, hi = (int(x, 16) for x in fields[0].split("-"))
                     pagemap.seek(lo // page * 8)
                     entries = array.array("Q")
                     entries.frombytes(pagemap.read((hi - lo) // page * 8))
                     for i, e in enumerate(entries):
-                        if e >> 63 & 1 and e >> 56 & 1:  # present, and this process's alone: written since the fork
+                        if wanted(e):
                             start = lo + i * page
-                            if ranges and start - (ranges[-1][0] + ranges[-1][1]) <= 16 * page:
-                                ranges[-1][1] = start + page - ranges[-1][0]  # close enough: one call
+                            if ranges and lo <= ranges[-1][0] and start - (ranges[-1][0] + ranges[-1][1]) <= 16 * page:
+                                ranges[-1][1] = start + page - ranges[-1][0]  # close enough, same mapping: one call
                             else:
                                 ranges.append([start, page])
-            os.write(w, json.dumps(ranges).encode())
+            os.write(w, json.dumps(touched).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -185,7 +195,7 @@ def train(harness, training):
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
-        return []
+        return {"write": [], "read": []}
 
 
 def child(req, fds, plan, harness, prefault):

@@ -244,16 +244,20 @@ def main():
     subprocess.Popen(["/usr/local/bin/python3", "-c",
                       "import os, time; os.setsid(); open('/tmp/up', 'w').close(); time.sleep(60)", %q],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists("/tmp/up"):
+    # One that wakes every process it can, all the time: stopping the jail's processes one by one is not enough.
+    subprocess.Popen(["/usr/local/bin/python3", "-c",
+                      "import os, signal\nopen('/tmp/waker', 'w').close()\nwhile True: os.kill(-1, signal.SIGCONT)", %q],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (os.path.exists("/tmp/up") and os.path.exists("/tmp/waker")):
         time.sleep(0.01)
     return "started"
-`, token))
-		// By the time the answer is back, every process of the jail has been killed (the kernel may still be
-		// reaping it), and it is gone soon after.
+`, token, token))
+		// By the time the answer is back, every process of the jail has been stopped (it is killed just after)
+		// or killed (the kernel may still be reaping it), and it is gone soon after.
 		for _, p := range processesWith(token) {
 			pid := strings.SplitN(p, ":", 2)[0]
 			status, err := os.ReadFile("/proc/" + pid + "/status")
-			if err == nil && !killed(string(status)) {
+			if err == nil && !halted(string(status)) {
 				t.Fatalf("a detached process of the last request is still running after its answer: %s\n%s", p, status)
 			}
 		}
@@ -269,14 +273,14 @@ def main():
 	})
 }
 
-// killed reports whether a /proc/PID/status is of a process that is exiting or has SIGKILL pending.
-func killed(status string) bool {
+// halted reports whether a /proc/PID/status is of a process that is stopped, exiting, or has SIGKILL pending.
+func halted(status string) bool {
 	for _, line := range strings.Split(status, "\n") {
 		k, v, _ := strings.Cut(line, ":")
 		v = strings.TrimSpace(v)
 		switch k {
 		case "State":
-			if strings.HasPrefix(v, "Z") || strings.HasPrefix(v, "X") {
+			if strings.HasPrefix(v, "Z") || strings.HasPrefix(v, "X") || strings.HasPrefix(v, "T") || strings.HasPrefix(v, "t") {
 				return true
 			}
 		case "SigPnd", "ShdPnd":

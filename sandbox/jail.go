@@ -274,15 +274,12 @@ func (j *jail) run(ctx context.Context, script []byte, files []File) (Outcome, e
 
 // answer decides the outcome from a complete frame, then destroys the jail in the background.
 func (j *jail) answer(res resultRead) (Outcome, error) {
-	// Nothing of the script runs after its answer: every process of the jail gets SIGKILL now, before stdout is
-	// collected (what is in the pipe stays readable, and nothing can add to it). Waiting for the kernel to reap
-	// them and removing the cgroup happen after the answer.
+	// Nothing of the script runs after its answer: every process of the jail is stopped now, before stdout is
+	// collected (what is in the pipe stays readable, and nothing can add to it). Killing them, waiting for the
+	// kernel to take them down and removing the cgroup happen after the answer, one process at a time.
 	obs := j.observe(res, false)
 	peak := j.cg.memoryPeak()
-	j.cg.signalAll()
-	if j.cmd != nil {
-		_ = j.cmd.Process.Kill()
-	}
+	j.cg.stopAll()
 	outBytes, outTrunc := j.stdout.now()
 	errBytes, errTrunc := j.stderr.now()
 	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
@@ -292,6 +289,10 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	j.r.cleanups.Add(1)
 	go func() {
 		defer j.r.cleanups.Done()
+		j.cg.killInTurn()
+		if j.cmd != nil {
+			_ = j.cmd.Process.Kill()
+		}
 		<-j.done
 		j.release()
 	}()

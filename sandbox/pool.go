@@ -18,9 +18,10 @@ type pool struct {
 	maxAge  time.Duration
 	preload []string // what its jails import before they are ready
 
-	mu     sync.Mutex
-	ready  []*jail // oldest first
-	closed bool
+	mu       sync.Mutex
+	ready    []*jail // oldest first
+	closed   bool
+	lastTake time.Time
 
 	wake chan struct{} // a jail was taken, or one may have aged
 	stop chan struct{}
@@ -44,6 +45,7 @@ func (p *pool) take() *jail {
 	defer p.poke()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.lastTake = time.Now()
 	for len(p.ready) > 0 {
 		j := p.ready[0]
 		p.ready = p.ready[1:]
@@ -66,6 +68,22 @@ func (p *pool) poke() {
 	}
 }
 
+// refillDelay is how long a pool that still has a warm jail waits, after one was taken, before it makes the next:
+// until the taken jail's answer is out. Making a jail (a fork server's fork and the child's prefault, or an nsjail's
+// start) takes milliseconds of CPU, which on a small machine would come out of that answer's time. A pool left
+// empty refills at once: the next request is waiting for it.
+const refillDelay = 10 * time.Millisecond
+
+// holdOff is how much longer the pool waits before refilling.
+func (p *pool) holdOff() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.ready) == 0 {
+		return 0
+	}
+	return max(refillDelay-time.Since(p.lastTake), 0)
+}
+
 // count is how many warm jails are waiting.
 func (p *pool) count() int {
 	p.mu.Lock()
@@ -85,6 +103,14 @@ func (p *pool) refill() {
 	backoff := time.Duration(0)
 	for {
 		p.recycle()
+		if d := p.holdOff(); d > 0 && p.count() < p.size {
+			select {
+			case <-p.stop:
+				return
+			case <-time.After(d):
+			}
+			continue
+		}
 		if p.count() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
 			j, err := p.r.launch(p.preload, true)
 			if err == nil {

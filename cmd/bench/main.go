@@ -15,7 +15,8 @@
 // that the machine's other load weighs on all alike. Everything runs in this process and talks to 127.0.0.1 only.
 //
 // A fourth example, plot, reads a CSV the request sends with pandas, plots it with matplotlib and sends the PNG back
-// (package workload's Plot): the service only, since the floor has no request to carry files.
+// (package workload's Plot). Beside it the bench measures the plot's own work: its main() run over and over in one
+// interpreter of the runtime, with no jail and no service, which no sandbox can answer faster than.
 //
 //	go run ./cmd/bench -svg docs/bench.svg
 package main
@@ -33,7 +34,9 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -257,7 +260,12 @@ func run(n int, pace time.Duration, svgPath string) error {
 		}
 	}
 
-	report(os.Stdout, targets, scenarios, results)
+	own, err := bare(cfg.Sandbox.RuntimeDir, workload.Plot, filesFor(workload.Plot.Name), n)
+	if err != nil {
+		return fmt.Errorf("plot without a jail: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "plot's main() alone, no jail: p50 %.1f ms\n", msf(own))
+	report(os.Stdout, targets, scenarios, results, own)
 	if svgPath != "" {
 		if err := os.WriteFile(svgPath, chart(targets, scenarios, results), 0o644); err != nil {
 			return err
@@ -374,7 +382,53 @@ func floor(path string, args []string, script []byte, files []sandbox.File) erro
 	return nil
 }
 
-func report(w io.Writer, targets []string, scenarios []scenario, results map[string]map[string]map[string]result) {
+// bare runs the script's main() n times, after three runs to warm up, in one interpreter of the runtime with no
+// jail around it, in a directory holding files, and returns the median time of one main().
+func bare(runtimeDir string, ex workload.Script, files []sandbox.File, n int) (time.Duration, error) {
+	dir, err := os.MkdirTemp("", "safepy-bench-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	for _, f := range files {
+		if err := os.WriteFile(filepath.Join(dir, f.Path), f.Data, 0o644); err != nil {
+			return 0, err
+		}
+	}
+	const driver = `import json, sys, time, types
+import matplotlib.pyplot as plt
+module = types.ModuleType("script")
+exec(compile(sys.argv[1], "script.py", "exec"), module.__dict__)
+times = []
+for i in range(int(sys.argv[2]) + 3):
+    t = time.perf_counter()
+    module.main()
+    times.append(time.perf_counter() - t)
+    plt.close("all")
+print(json.dumps(times[3:]))
+`
+	python, _ := filepath.Abs(filepath.Join(runtimeDir, "python", "bin", "python3"))
+	cmd := exec.Command(python, "-I", "-c", driver, ex.Source, strconv.Itoa(n))
+	cmd.Dir = dir
+	// The jail's environment (nsjail.cfg's envar lines that matter here), with a config directory of its own.
+	cmd.Env = []string{"MPLBACKEND=Agg", "MPLCONFIGDIR=" + filepath.Join(dir, ".matplotlib"), "OPENBLAS_NUM_THREADS=1",
+		"OMP_NUM_THREADS=1", "LANG=C.UTF-8", "LD_LIBRARY_PATH=" + filepath.Join(filepath.Dir(filepath.Dir(python)), "lib")}
+	out, err := cmd.Output()
+	if err != nil {
+		return 0, err
+	}
+	var secs []float64
+	if err := json.Unmarshal(out, &secs); err != nil || len(secs) == 0 {
+		return 0, fmt.Errorf("no timings: %q", out)
+	}
+	lat := make([]time.Duration, len(secs))
+	for i, s := range secs {
+		lat[i] = time.Duration(s * float64(time.Second))
+	}
+	return summarize(lat, time.Second).p50, nil
+}
+
+func report(w io.Writer, targets []string, scenarios []scenario, results map[string]map[string]map[string]result, plotAlone time.Duration) {
 	fmt.Fprintf(w, "\n%-8s %-34s", "example", "scenario")
 	for _, t := range targets {
 		fmt.Fprintf(w, " | %-28s", t+": p50 / p95 ms, req/s")
@@ -422,6 +476,9 @@ func report(w io.Writer, targets []string, scenarios []scenario, results map[str
 	}
 	fmt.Fprintf(w, "  service plot p50 / service pandas p50 (%s): %.2fx (target <= 2x)\n", b2b,
 		msf(svc["plot"][b2b].p50)/msf(svc["pandas"][b2b].p50))
+	fmt.Fprintf(w, "    the plot's main() alone, in one warm interpreter with no jail: p50 %.1f ms, %.2fx service pandas p50;\n"+
+		"    service plot p50 / that: %.2fx\n", msf(plotAlone), msf(plotAlone)/msf(svc["pandas"][b2b].p50),
+		msf(svc["plot"][b2b].p50)/msf(plotAlone))
 	fmt.Fprintf(w, "  failed requests, all targets and scenarios: %d (target 0)\n", failed)
 }
 
