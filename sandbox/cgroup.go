@@ -479,17 +479,22 @@ func (j *jailCgroup) signalAll() (left bool) {
 }
 
 // stopAll stops every process in the cgroup: none of them runs again, and none of them exits yet (see
-// killInTurn). It returns once every process is stopped at the same moment, so that none is left running to wake
-// another or to fork a new one; a cgroup that does not come to rest within a bound is killed instead.
+// killInTurn). It returns once every process is stopped or has a SIGSTOP pending at the same moment, so that none
+// is left running to wake another (SIGCONT cancels a pending stop) or to fork a new one (a fork fails while a
+// signal is pending); a cgroup that does not come to rest within a bound is killed instead. A pending stop takes
+// effect before the process runs another instruction of its own, so the answer need not wait for the kernel to
+// schedule every process of the jail once.
 func (j *jailCgroup) stopAll() {
 	if j == nil {
 		return
 	}
 	for i := 0; i < 200; i++ {
-		if !j.signal(unix.SIGSTOP, false, inState("TtZX")) {
+		if !j.signal(unix.SIGSTOP, false, stopping) {
 			return
 		}
-		time.Sleep(50 * time.Microsecond)
+		if i >= 2 {
+			time.Sleep(50 * time.Microsecond)
+		}
 	}
 	j.signalAll()
 }
@@ -535,6 +540,28 @@ func inState(states string) func(pid int) bool {
 		i := bytes.LastIndexByte(stat, ')') // the command's name may hold anything, a ')' too
 		return i < 0 || i+2 >= len(stat) || strings.IndexByte(states, stat[i+2]) >= 0
 	}
+}
+
+// stopping reports whether a process is stopped, ending or gone, or has a SIGSTOP pending.
+func stopping(pid int) bool {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return true
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		v = strings.TrimSpace(v)
+		switch k {
+		case "State":
+			if v != "" && strings.IndexByte("TtZX", v[0]) >= 0 {
+				return true
+			}
+		case "ShdPnd":
+			mask, err := strconv.ParseUint(v, 16, 64)
+			return err == nil && mask&(1<<(unix.SIGSTOP-1)) != 0
+		}
+	}
+	return false
 }
 
 // killAll kills every process left in the cgroup and waits until it is empty.

@@ -244,11 +244,12 @@ def main():
     subprocess.Popen(["/usr/local/bin/python3", "-c",
                       "import os, time; os.setsid(); open('/tmp/up', 'w').close(); time.sleep(60)", %q],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # One that wakes every process it can, all the time: stopping the jail's processes one by one is not enough.
-    subprocess.Popen(["/usr/local/bin/python3", "-c",
-                      "import os, signal\nopen('/tmp/waker', 'w').close()\nwhile True: os.kill(-1, signal.SIGCONT)", %q],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (os.path.exists("/tmp/up") and os.path.exists("/tmp/waker")):
+    # Some that wake every process they can, all the time: stopping the jail's processes one by one is not enough.
+    for i in range(3):
+        subprocess.Popen(["/usr/local/bin/python3", "-c",
+                          "import os, signal\nopen('/tmp/waker%%d', 'w').close()\nwhile True: os.kill(-1, signal.SIGCONT)" %% i, %q],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not all(os.path.exists(p) for p in ("/tmp/up", "/tmp/waker0", "/tmp/waker1", "/tmp/waker2")):
         time.sleep(0.01)
     return "started"
 `, token, token))
@@ -273,7 +274,8 @@ def main():
 	})
 }
 
-// halted reports whether a /proc/PID/status is of a process that is stopped, exiting, or has SIGKILL pending.
+// halted reports whether a /proc/PID/status is of a process that is stopped, exiting, or has SIGKILL or SIGSTOP
+// pending (either takes effect before it runs another instruction of its own).
 func halted(status string) bool {
 	for _, line := range strings.Split(status, "\n") {
 		k, v, _ := strings.Cut(line, ":")
@@ -284,7 +286,7 @@ func halted(status string) bool {
 				return true
 			}
 		case "SigPnd", "ShdPnd":
-			if mask, err := strconv.ParseUint(v, 16, 64); err == nil && mask&(1<<(9-1)) != 0 {
+			if mask, err := strconv.ParseUint(v, 16, 64); err == nil && mask&(1<<(9-1)|1<<(19-1)) != 0 { // SIGKILL, SIGSTOP
 				return true
 			}
 		}

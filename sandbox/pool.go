@@ -22,6 +22,7 @@ type pool struct {
 	ready    []*jail // oldest first
 	closed   bool
 	lastTake time.Time
+	hold     bool // the last take came long after the one before: its refill waits for its answer
 
 	wake chan struct{} // a jail was taken, or one may have aged
 	stop chan struct{}
@@ -45,7 +46,9 @@ func (p *pool) take() *jail {
 	defer p.poke()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.lastTake = time.Now()
+	now := time.Now()
+	p.hold = now.Sub(p.lastTake) > seldom
+	p.lastTake = now
 	for len(p.ready) > 0 {
 		j := p.ready[0]
 		p.ready = p.ready[1:]
@@ -68,17 +71,21 @@ func (p *pool) poke() {
 	}
 }
 
-// refillDelay is how long a pool that still has a warm jail waits, after one was taken, before it makes the next:
-// until the taken jail's answer is out. Making a jail (a fork server's fork and the child's prefault, or an nsjail's
-// start) takes milliseconds of CPU, which on a small machine would come out of that answer's time. A pool left
-// empty refills at once: the next request is waiting for it.
-const refillDelay = 10 * time.Millisecond
+// When requests come seldom (more than seldom apart), a pool that still holds a jail waits refillDelay after one
+// was taken before it makes the next: until the taken jail's answer is out. Making a jail (a fork server's fork and
+// the child's prefault, or an nsjail's start) takes milliseconds of CPU, which on a small machine would come out
+// of that answer's time, and there is time enough before the next request. When they come back to back, or the
+// pool is empty, it refills at once: the next request is about to need the jail.
+const (
+	refillDelay = 10 * time.Millisecond
+	seldom      = 100 * time.Millisecond
+)
 
 // holdOff is how much longer the pool waits before refilling.
 func (p *pool) holdOff() time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if len(p.ready) == 0 {
+	if !p.hold || len(p.ready) == 0 {
 		return 0
 	}
 	return max(refillDelay-time.Since(p.lastTake), 0)

@@ -359,8 +359,9 @@ func (r *Runner) ColdCommand() (path string, args []string, err error) {
 }
 
 // Run executes script in a fresh jail and returns its outcome. The jail is a warm one from a pool when one is
-// ready, else one started now. When Run returns, every process of the jail has been sent SIGKILL; the kernel's
-// reaping and the cgroup's removal may finish just after, in the background (Close waits for them).
+// ready, else one started now. When Run returns, every process of the jail is stopped or has been sent SIGKILL;
+// killing the stopped ones, the kernel's reaping and the cgroup's removal finish just after, in the background
+// (Close waits for them).
 //
 // It returns a *ScriptError when the script failed (the Outcome then still carries its stdout), an error wrapping
 // ErrSandbox when the sandbox itself failed, and ctx's error when ctx ended first (the jail is killed).
