@@ -280,6 +280,9 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	obs := j.observe(res, false)
 	peak := j.cg.memoryPeak()
 	j.cg.stopAll()
+	if j.cg == nil && j.cmd != nil {
+		_ = j.cmd.Process.Kill() // no cgroup to stop (rlimits mode): nsjail's death takes the jail with it now
+	}
 	outBytes, outTrunc := j.stdout.now()
 	errBytes, errTrunc := j.stderr.now()
 	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
