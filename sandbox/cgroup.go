@@ -504,7 +504,7 @@ func (j *jailCgroup) stopAll() {
 // milliseconds of the kernel's CPU time: one at a time, it never takes both CPUs of a small machine from the server
 // answering meanwhile. killAll remains the backstop.
 func (j *jailCgroup) killInTurn() {
-	for i := 0; i < 64 && j != nil && j.signal(unix.SIGKILL, true, inState("ZX")); i++ {
+	for i := 0; i < 64 && j != nil && j.signal(unix.SIGKILL, true, tasksIn("ZX")); i++ {
 	}
 }
 
@@ -530,38 +530,47 @@ func (j *jailCgroup) signal(sig unix.Signal, one bool, skip func(pid int) bool) 
 	return found
 }
 
-// inState returns a test of whether a process is in one of the states (as /proc/PID/stat has them), or gone.
-func inState(states string) func(pid int) bool {
+// tasksIn returns a test of whether every thread of a process is in one of the states (as /proc/PID/task/TID/stat
+// has them), or gone. Every thread, not the process's own /proc/PID/stat: that one is the main thread's, which
+// shows Z once the main thread has ended, while the process's other threads still run.
+func tasksIn(states string) func(pid int) bool {
 	return func(pid int) bool {
-		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		dir := "/proc/" + strconv.Itoa(pid) + "/task"
+		tids, err := os.ReadDir(dir)
 		if err != nil {
 			return true
 		}
-		i := bytes.LastIndexByte(stat, ')') // the command's name may hold anything, a ')' too
-		return i < 0 || i+2 >= len(stat) || strings.IndexByte(states, stat[i+2]) >= 0
+		for _, tid := range tids {
+			stat, err := os.ReadFile(dir + "/" + tid.Name() + "/stat")
+			if err != nil {
+				continue // ended
+			}
+			i := bytes.LastIndexByte(stat, ')') // the command's name may hold anything, a ')' too
+			if i >= 0 && i+2 < len(stat) && strings.IndexByte(states, stat[i+2]) < 0 {
+				return false
+			}
+		}
+		return true
 	}
 }
 
-// stopping reports whether a process is stopped, ending or gone, or has a SIGSTOP pending.
+// stopping reports whether a process has a SIGSTOP pending (for the whole process: it takes effect in every
+// thread before that thread runs another instruction of its own), or every thread of it is stopped or ended.
 func stopping(pid int) bool {
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return true
 	}
 	for _, line := range strings.Split(string(status), "\n") {
-		k, v, _ := strings.Cut(line, ":")
-		v = strings.TrimSpace(v)
-		switch k {
-		case "State":
-			if v != "" && strings.IndexByte("TtZX", v[0]) >= 0 {
+		if v, ok := strings.CutPrefix(line, "ShdPnd:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err == nil && mask&(1<<(unix.SIGSTOP-1)) != 0 {
 				return true
 			}
-		case "ShdPnd":
-			mask, err := strconv.ParseUint(v, 16, 64)
-			return err == nil && mask&(1<<(unix.SIGSTOP-1)) != 0
+			break
 		}
 	}
-	return false
+	return tasksIn("TtZX")(pid)
 }
 
 // killAll kills every process left in the cgroup and waits until it is empty.
@@ -580,12 +589,21 @@ func signalIfIn(pid int, dir string, sig unix.Signal, wait bool) bool {
 		return false // gone already
 	}
 	defer unix.Close(fd)
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
-	if err != nil {
-		return false
+	rel := "/safepy/" + filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir) + "\n" // how /proc/PID/cgroup ends the jail's path
+	// The process's own file is its main thread's; one whose main thread has ended may not show the cgroup its
+	// other threads still run in: any thread of it in the jail's cgroup counts.
+	files := []string{"/proc/" + strconv.Itoa(pid) + "/cgroup"}
+	if threads, err := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/cgroup"); err == nil {
+		files = append(files, threads...)
 	}
-	rel := "/safepy/" + filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir) // how /proc/PID/cgroup ends the jail's path
-	if !strings.Contains(string(data), rel+"\n") {
+	in := false
+	for _, f := range files {
+		if data, err := os.ReadFile(f); err == nil && strings.Contains(string(data), rel) {
+			in = true
+			break
+		}
+	}
+	if !in {
 		return false
 	}
 	if unix.PidfdSendSignal(fd, sig, nil, 0) != nil {

@@ -12,7 +12,9 @@
 #              or raised (sandbox/files.go checks it again);
 #        b"R": the JSON text of main()'s return value, or
 #        b"E": a JSON object {"kind", "type", "message", "traceback", "errno"}.
-#      The length lets the server answer as soon as the frame is in, without waiting for the jail to wind down.
+#      The length lets the server answer as soon as the frame is in, without waiting for the jail to wind down:
+#      after its last frame the script's process stops itself, and the server takes the jail down once it has
+#      answered.
 #   1, 2  the script's stdout and stderr; the Go side captures them at the descriptor level.
 #
 # Process layout: this process is PID 1 of the jail's PID namespace. It forks once; the child runs the script, and

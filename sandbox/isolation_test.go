@@ -257,8 +257,7 @@ def main():
 		// or killed (the kernel may still be reaping it), and it is gone soon after.
 		for _, p := range processesWith(token) {
 			pid := strings.SplitN(p, ":", 2)[0]
-			status, err := os.ReadFile("/proc/" + pid + "/status")
-			if err == nil && !halted(string(status)) {
+			if status, ok := running("/proc/" + pid); ok {
 				t.Fatalf("a detached process of the last request is still running after its answer: %s\n%s", p, status)
 			}
 		}
@@ -272,6 +271,62 @@ def main():
 			t.Fatalf("files survived into the next request: %s", got)
 		}
 	})
+}
+
+// A process whose main thread has ended shows Z in /proc/PID/stat while its other threads run on: stopping the
+// jail must look at every thread. (Found by an independent attack on the stop-then-kill answer.)
+func TestNoThreadRunsAfterTheAnswer(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		token := "zombie-leader-" + strconv.Itoa(os.Getpid())
+		child := `import ctypes, os, signal, threading, time
+def spin():
+    while open('/proc/%d/stat' % os.getpid()).read().rsplit(')', 1)[1].split()[0] != 'Z':
+        time.sleep(0.001)
+    open('/tmp/ready', 'w').close()
+    while True:
+        try:
+            os.kill(-1, signal.SIGCONT)
+        except OSError:
+            pass
+threading.Thread(target=spin).start()
+time.sleep(0.05)
+ctypes.CDLL(None).pthread_exit(None)
+`
+		mustRun(t, fmt.Sprintf(`import os, subprocess, time
+def main():
+    subprocess.Popen(["/usr/local/bin/python3", "-c", %q, %q], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists("/tmp/ready"):
+        time.sleep(0.01)
+    return "started"
+`, child, token))
+		tasks, _ := filepath.Glob("/proc/[0-9]*/task/[0-9]*")
+		for _, task := range tasks {
+			cmdline, err := os.ReadFile(task + "/cmdline")
+			if err != nil || !strings.Contains(string(cmdline), token) {
+				continue
+			}
+			if status, ok := running(task); ok {
+				t.Fatalf("a thread of the last request runs after its answer: %s\n%s", task, status)
+			}
+		}
+	})
+}
+
+// running reports whether the process or thread whose /proc directory is dir is neither stopped, nor ending, nor
+// about to be either, and returns its status. A thread that has just taken its SIGSTOP off the pending set shows
+// R for the instant before it stops: it counts as running only if it still does a moment later.
+func running(dir string) (string, bool) {
+	for i := 0; i < 2; i++ {
+		status, err := os.ReadFile(dir + "/status")
+		if err != nil || halted(string(status)) {
+			return "", false
+		}
+		if i == 1 {
+			return string(status), true
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return "", false
 }
 
 // halted reports whether a /proc/PID/status is of a process that is stopped, exiting, or has SIGKILL or SIGSTOP
