@@ -592,19 +592,15 @@ func signalIfIn(pid int, dir string, sig unix.Signal, wait bool) bool {
 	rel := "/safepy/" + filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir) + "\n" // how /proc/PID/cgroup ends the jail's path
 	// The process's own file is its main thread's; one whose main thread has ended may not show the cgroup its
 	// other threads still run in: any thread of it in the jail's cgroup counts.
-	files := []string{"/proc/" + strconv.Itoa(pid) + "/cgroup"}
-	if threads, err := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/cgroup"); err == nil {
-		files = append(files, threads...)
+	in := func(file string) bool {
+		data, err := os.ReadFile(file)
+		return err == nil && strings.Contains(string(data), rel)
 	}
-	in := false
-	for _, f := range files {
-		if data, err := os.ReadFile(f); err == nil && strings.Contains(string(data), rel) {
-			in = true
-			break
+	if !in("/proc/" + strconv.Itoa(pid) + "/cgroup") {
+		threads, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/cgroup") // only then: off the common path
+		if !slices.ContainsFunc(threads, in) {
+			return false
 		}
-	}
-	if !in {
-		return false
 	}
 	if unix.PidfdSendSignal(fd, sig, nil, 0) != nil {
 		return false
