@@ -107,6 +107,16 @@ type resultRead struct {
 	files     []byte // the files frame's payload, if one came whole
 }
 
+// ResultKind reads a jail's result channel as Run does, up to its result frame, and returns the frame's kind: 'R'
+// for main()'s value, 'E' for an error. For measuring the floor under the service (cmd/bench), with ColdCommand.
+func ResultKind(r io.Reader) (byte, error) {
+	res := readResult(r, make(chan struct{}), 1<<30)
+	if !res.started || !res.complete || len(res.frame) == 0 {
+		return 0, errors.New("the jail sent no complete result frame")
+	}
+	return res.frame[0], nil
+}
+
 // readResultAsync reads the result channel: the start byte (closing started when it arrives), then one frame.
 // It stops reading after the frame, so what a script writes after it is never read.
 func readResultAsync(r io.Reader, started chan<- struct{}, max int) <-chan resultRead {

@@ -25,7 +25,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
-	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -373,7 +372,7 @@ func floor(path string, args []string, script []byte, files []sandbox.File) erro
 	}
 	go func() { scriptW.Write(sandbox.EncodeJob(script, files)); scriptW.Close() }()
 	// The harness stops once its answer is out, and the caller takes the jail down, as the service does.
-	kind, err := lastFrame(resultR)
+	kind, err := sandbox.ResultKind(resultR)
 	resultR.Close()
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
@@ -381,26 +380,6 @@ func floor(path string, args []string, script []byte, files []sandbox.File) erro
 		return fmt.Errorf("no result (frame %q): %v", kind, err)
 	}
 	return nil
-}
-
-// lastFrame reads the result channel (sandbox/harness.py) up to its result frame and returns the frame's kind.
-func lastFrame(r io.Reader) (byte, error) {
-	start := make([]byte, 1)
-	if _, err := io.ReadFull(r, start); err != nil || start[0] != 'S' {
-		return 0, fmt.Errorf("the jail did not start: %q %v", start, err)
-	}
-	for {
-		header := make([]byte, 9)
-		if _, err := io.ReadFull(r, header); err != nil {
-			return 0, err
-		}
-		if _, err := io.CopyN(io.Discard, r, int64(binary.BigEndian.Uint64(header[1:]))); err != nil {
-			return 0, err
-		}
-		if header[0] != 'F' {
-			return header[0], nil
-		}
-	}
 }
 
 // bare runs the script's main() n times, after three runs to warm up, in one interpreter of the runtime with no
