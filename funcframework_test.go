@@ -123,11 +123,8 @@ func TestFunctionsFrameworkServesTheContract(t *testing.T) {
 	for _, tt := range rows {
 		t.Run(fmt.Sprint(tt.status, " ", tt.name), func(t *testing.T) {
 			a := request(t, s.URL, tt.method, tt.path, tt.body, nil)
-			var e struct {
-				Error  apiError `json:"error"`
-				Stdout *string  `json:"stdout"`
-			}
-			if err := json.Unmarshal(a.body, &e); err != nil || a.header.Get("Content-Type") != "application/json" {
+			e := errorBody(t, a.body)
+			if a.header.Get("Content-Type") != "application/json" {
 				t.Fatalf("not the contract's error shape (Content-Type %q): %s", a.header.Get("Content-Type"), a.body)
 			}
 			if a.status != tt.status || e.Error.Type != tt.typ || !strings.Contains(e.Error.Message, tt.message) ||

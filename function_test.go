@@ -51,6 +51,35 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// errorShape is the contract's error answer.
+type errorShape struct {
+	Error  apiError `json:"error"`
+	Stdout *string  `json:"stdout"`
+}
+
+// errorBody decodes an error answer; a body of any other shape fails the test.
+func errorBody(t *testing.T, body []byte) errorShape {
+	t.Helper()
+	var e errorShape
+	if err := json.Unmarshal(body, &e); err != nil {
+		t.Fatalf("body is not the error shape: %s", body)
+	}
+	return e
+}
+
+// wantValidationError checks that r is a ValidationError with status and a message containing message, and that
+// no stdout came with it (no script ran).
+func wantValidationError(t *testing.T, r response, status int, message string) {
+	t.Helper()
+	e := errorBody(t, r.body)
+	if r.status != status || e.Error.Type != "ValidationError" || !strings.Contains(e.Error.Message, message) {
+		t.Fatalf("got %d %s, want %d ValidationError %q", r.status, r.body, status, message)
+	}
+	if e.Stdout != nil {
+		t.Fatalf("stdout present although no script ran: %s", r.body)
+	}
+}
+
 type response struct {
 	status int
 	header http.Header
@@ -172,20 +201,7 @@ func TestValidation(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := post(t, tt.body)
-			var e struct {
-				Error  apiError `json:"error"`
-				Stdout *string  `json:"stdout"`
-			}
-			if err := json.Unmarshal(r.body, &e); err != nil {
-				t.Fatalf("body is not the error shape: %s", r.body)
-			}
-			if r.status != tt.status || e.Error.Type != "ValidationError" || !strings.Contains(e.Error.Message, tt.message) {
-				t.Fatalf("got %d %s, want %d ValidationError %q", r.status, r.body, tt.status, tt.message)
-			}
-			if e.Stdout != nil {
-				t.Fatalf("stdout present although no script ran: %s", r.body)
-			}
+			wantValidationError(t, post(t, tt.body), tt.status, tt.message)
 		})
 	}
 	// A body over the cap without a Content-Length is cut off while it streams in.
@@ -311,11 +327,7 @@ func TestScriptErrorsOverHTTP(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := post(t, scriptBody(tt.script))
-			var e struct {
-				Error  apiError `json:"error"`
-				Stdout *string  `json:"stdout"`
-			}
-			json.Unmarshal(r.body, &e)
+			e := errorBody(t, r.body)
 			if r.status != 422 || e.Error.Type != tt.typ || !strings.Contains(e.Error.Message, tt.message) {
 				t.Fatalf("got %d %s, want 422 %s %q", r.status, r.body, tt.typ, tt.message)
 			}
@@ -499,15 +511,7 @@ func TestFilesValidation(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := post(t, tt.body)
-			var e struct {
-				Error  apiError `json:"error"`
-				Stdout *string  `json:"stdout"`
-			}
-			json.Unmarshal(r.body, &e)
-			if r.status != 400 || e.Error.Type != "ValidationError" || !strings.Contains(e.Error.Message, tt.message) || e.Stdout != nil {
-				t.Fatalf("got %d %s, want 400 ValidationError %q", r.status, r.body, tt.message)
-			}
+			wantValidationError(t, post(t, tt.body), 400, tt.message)
 		})
 	}
 }
