@@ -178,6 +178,7 @@ func TestSameMemoryOnEveryPath(t *testing.T) {
 	forkedWarm := newPooled(t, "", 1, time.Hour, true)
 	cold := newPooled(t, "", 0, time.Hour, false)
 	coldWarm := newPooled(t, "", 1, time.Hour, false)
+	forkedBare := newPooled(t, "", 1, time.Hour, true)
 	for _, tt := range []struct {
 		mib  int
 		fits bool
@@ -187,11 +188,18 @@ func TestSameMemoryOnEveryPath(t *testing.T) {
 			name         string
 			r            *Runner
 			forked, warm bool
-		}{{"forked", forked, true, false}, {"forked warm", forkedWarm, true, true}, {"cold", cold, false, false}, {"cold warm", coldWarm, false, true}} {
+		}{{"forked", forked, true, false}, {"forked warm", forkedWarm, true, true}, {"forked bare", forkedBare, true, true},
+			{"cold", cold, false, false}, {"cold warm", coldWarm, false, true}} {
 			if p.warm {
 				waitUntil(t, "warm jails", func() bool { ready, all := p.r.WarmJails(); return ready == all })
 			}
+			if p.r == forkedBare {
+				makeBare(t, p.r, p.r.preloadIndex([]byte(script)))
+			}
 			out, err := runWith(t, p.r, script)
+			if p.r == forkedBare {
+				restBare(p.r)
+			}
 			if out.Forked != p.forked || out.Warm != p.warm {
 				t.Fatalf("%s: ran forked=%v warm=%v", p.name, out.Forked, out.Warm)
 			}

@@ -357,9 +357,9 @@ func (fs *forkServer) forkCount() int64 {
 	return fs.forks
 }
 
-// fork asks the fork server for a child with the request's descriptors and cgroup, running as uid outside; a
-// warm one prefaults what its fork server learned a typical script writes.
-func (fs *forkServer) fork(uid int, warm bool, files []*os.File) error {
+// fork asks the fork server for a child with the request's descriptors and cgroup, running as uid outside; with
+// prefault, the child copies ahead of time what its fork server learned a typical script writes.
+func (fs *forkServer) fork(uid int, prefault bool, files []*os.File) error {
 	fs.mu.Lock()
 	if fs.retiring || !fs.alive() {
 		fs.mu.Unlock()
@@ -372,7 +372,7 @@ func (fs *forkServer) fork(uid int, warm bool, files []*os.File) error {
 	for i, f := range files {
 		fds[i] = int(f.Fd())
 	}
-	msg, _ := json.Marshal(map[string]any{"uid": jailUID + uid - fs.slot.f.r.uids.base, "warm": warm})
+	msg, _ := json.Marshal(map[string]any{"uid": jailUID + uid - fs.slot.f.r.uids.base, "prefault": prefault})
 	if _, _, err := fs.ctl.WriteMsgUnix(msg, unix.UnixRights(fds...), nil); err != nil {
 		fs.released()
 		return fmt.Errorf("sending a request to the fork server: %w", err)

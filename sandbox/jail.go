@@ -38,6 +38,7 @@ type jail struct {
 	begin   time.Time // the jail was started
 	readyAt time.Time // the harness said it was ready
 	stalled bool      // killed for not coming up within the start-up timeout
+	bare    bool      // forked for a pool without prefaulting (requests were coming back to back)
 }
 
 // launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the
@@ -55,7 +56,7 @@ func (r *Runner) launch(preload []string, warm bool) (*jail, error) {
 }
 
 // launchForked asks a fork server for a jail.
-func (r *Runner) launchForked(fs *forkServer, preload []string, warm bool) (*jail, error) {
+func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (*jail, error) {
 	uid, err := r.uids.take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -64,7 +65,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, warm bool) (*jai
 	// smaller, so that a script has the same memory whichever way its jail was made.
 	limits := r.limits
 	limits.MemoryBytes -= fs.base
-	if warm {
+	if prefault {
 		limits.MemoryBytes += fs.prefault
 	}
 	cg, err := r.cgroups.create(newID(), limits)
@@ -74,7 +75,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, warm bool) (*jai
 	}
 	j := &jail{r: r, cg: cg, uid: uid, base: fs.base, started: make(chan struct{}), done: make(chan struct{}),
 		begin: time.Now()}
-	if warm {
+	if prefault {
 		j.base -= fs.prefault // its own copies are in its cgroup already
 	}
 	procs, err := cg.procsFiles()
@@ -97,7 +98,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, warm bool) (*jai
 		j.release()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	err = fs.fork(uid, warm, append(childEnds, procs...))
+	err = fs.fork(uid, prefault, append(childEnds, procs...))
 	closeFiles(childEnds)
 	if err != nil {
 		j.release()

@@ -7,11 +7,18 @@ import (
 )
 
 // pool keeps warm jails: started ahead of time, the interpreter up and its preload modules imported (if any), each
-// blocked reading its script. A request takes one if one is ready and otherwise starts a cold jail itself, so the pool can
-// only make a request faster, never refuse or delay it. Each warm jail serves one script and is destroyed; every
-// request still gets its own namespaces, cgroup, /sandbox and /tmp. One goroutine refills the pool, one jail at a
-// time, and only while the service is not busy (Config.Busy): a saturated service spends no CPU on jails it cannot
-// use before the load drops, and runs exactly as it would with no pool.
+// blocked reading its script. A request takes one if one is ready; if none is, it waits for one the pool is forking
+// (started before the request came, so ready sooner than one made now), and otherwise starts a jail itself. Each
+// warm jail serves one script and is destroyed; every request still gets its own namespaces, cgroup, /sandbox and
+// /tmp. One goroutine refills the pool, and only while the service is not busy (Config.Busy): a saturated service
+// spends no CPU on jails it cannot use before the load drops, and runs exactly as it would with no pool. Forked
+// jails come up several at once; cold ones, which cost an interpreter's start each, one at a time between all
+// pools.
+//
+// A forked warm jail normally also copies, while it waits, the fork server's pages a typical script writes
+// (prefault). While requests come back to back that would only delay the next one, which takes the jail as soon as
+// it is ready: such jails are made bare (no prefault; the same memory limit as a jail forked for a request on the
+// spot), and replaced by prefaulted ones when requests stop coming.
 type pool struct {
 	r       *Runner
 	size    int
@@ -22,7 +29,11 @@ type pool struct {
 	ready    []*jail // oldest first
 	closed   bool
 	lastTake time.Time
-	hold     bool // the last take came long after the one before: its refill waits for its answer
+	hold     bool          // the last take came long after the one before: its refill waits for its answer
+	pending  int           // jails forked ahead that are not ready yet
+	waiting  int           // requests waiting for one of them
+	arrived  chan struct{} // closed when one of them is ready or failed
+	bareIdle time.Duration // how long a bare jail may wait before it is replaced by a prefaulted one
 
 	wake chan struct{} // a jail was taken, or one may have aged
 	stop chan struct{}
@@ -30,7 +41,8 @@ type pool struct {
 }
 
 func newPool(r *Runner, size int, maxAge time.Duration, preload []string) *pool {
-	p := &pool{r: r, size: size, maxAge: maxAge, preload: preload, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+	p := &pool{r: r, size: size, maxAge: maxAge, preload: preload, wake: make(chan struct{}, 1), stop: make(chan struct{}),
+		arrived: make(chan struct{}), bareIdle: seldom}
 	if size > 0 {
 		p.wg.Add(1)
 		go p.refill()
@@ -49,6 +61,10 @@ func (p *pool) take() *jail {
 	now := time.Now()
 	p.hold = now.Sub(p.lastTake) > seldom
 	p.lastTake = now
+	return p.takeLocked()
+}
+
+func (p *pool) takeLocked() *jail {
 	for len(p.ready) > 0 {
 		j := p.ready[0]
 		p.ready = p.ready[1:]
@@ -62,6 +78,41 @@ func (p *pool) take() *jail {
 		}()
 	}
 	return nil
+}
+
+// awaitForming waits for one of the jails the pool is forking ahead, if there is one no other request waits for
+// already: it started earlier than a jail made now would, so it is ready sooner, and the CPU a second jail would
+// cost goes to the ones under way instead. It returns nil, at once or after limit, if there is none to wait for.
+func (p *pool) awaitForming(ctx context.Context, limit time.Duration) *jail {
+	timer := time.NewTimer(limit)
+	defer timer.Stop()
+	p.mu.Lock()
+	p.waiting++
+	defer func() {
+		p.mu.Lock()
+		p.waiting--
+		p.mu.Unlock()
+	}()
+	for {
+		if j := p.takeLocked(); j != nil {
+			p.mu.Unlock()
+			return j
+		}
+		if p.pending < p.waiting || p.closed {
+			p.mu.Unlock()
+			return nil
+		}
+		arrived := p.arrived
+		p.mu.Unlock()
+		select {
+		case <-arrived:
+		case <-timer.C:
+			return nil
+		case <-ctx.Done():
+			return nil
+		}
+		p.mu.Lock()
+	}
 }
 
 func (p *pool) poke() {
@@ -114,11 +165,15 @@ func (p *pool) refill() {
 			select {
 			case <-p.stop:
 				return
+			case <-p.wake: // another take: it may have emptied the pool
 			case <-time.After(d):
 			}
 			continue
 		}
-		if p.count() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
+		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.forkAhead(ctx) {
+			continue
+		}
+		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
 			j, err := p.r.launch(p.preload, true)
 			if err == nil {
 				if err = j.awaitReady(ctx); err != nil {
@@ -148,8 +203,10 @@ func (p *pool) refill() {
 		wait := p.maxAge / 4
 		if backoff > 0 {
 			wait = backoff
-		} else if p.count() < p.size {
+		} else if p.count()+p.forming() < p.size {
 			wait = 50 * time.Millisecond // busy: look again soon (an execution's end also wakes the pool)
+		} else if p.settled() < p.size {
+			wait = min(wait, p.idleLimit()) // a bare jail to replace soon
 		}
 		select {
 		case <-p.stop:
@@ -158,6 +215,81 @@ func (p *pool) refill() {
 		case <-time.After(wait):
 		}
 	}
+}
+
+func (p *pool) idleLimit() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bareIdle
+}
+
+// settled is how many warm jails are waiting that the pool would keep if no request came: those not bare.
+func (p *pool) settled() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, j := range p.ready {
+		if !j.bare {
+			n++
+		}
+	}
+	return n
+}
+
+// forming reports how many jails the pool has asked its fork server for that are not ready yet.
+func (p *pool) forming() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.pending
+}
+
+// forkAhead asks the pool's fork server for a jail and lets it come up in the background: a fork costs the fork
+// server a millisecond, and the rest of a forked jail's start happens in the child, much of it waiting (for the
+// kernel to move it into its cgroup, for a CPU), so several can come up at once, which keeps up with a sustained
+// load that one start at a time could not. Cold starts (an interpreter each, hundreds of milliseconds of CPU)
+// still take turns. It returns false if there is no fork server for the pool.
+func (p *pool) forkAhead(ctx context.Context) bool {
+	fs := p.r.forks.server(p.preload)
+	if fs == nil {
+		return false
+	}
+	// Copying ahead what a script would write saves a waiting jail's script that time; a jail that a request will
+	// take as soon as it is ready (requests come back to back) would only make that request wait for all of it,
+	// where its script copies only what it writes.
+	p.mu.Lock()
+	prefault := p.hold || time.Since(p.lastTake) > seldom
+	p.mu.Unlock()
+	j, err := p.r.launchForked(fs, p.preload, prefault)
+	if err != nil {
+		p.r.logForkFailure(err)
+		return false // the cold way, in turn
+	}
+	j.bare = !prefault
+	p.mu.Lock()
+	p.pending++
+	p.mu.Unlock()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		err := j.awaitReady(ctx)
+		if err != nil {
+			j.finish(false, err)
+		}
+		p.mu.Lock()
+		p.pending--
+		closed := p.closed
+		if err == nil && !closed {
+			p.ready = append(p.ready, j)
+		}
+		close(p.arrived) // a jail came, or one will not: the waiters look again
+		p.arrived = make(chan struct{})
+		p.mu.Unlock()
+		if err == nil && closed {
+			j.discard()
+		}
+		p.poke()
+	}()
+	return true
 }
 
 // turn waits for the pools' shared token, which lets one jail start at a time between all pools.
@@ -170,12 +302,13 @@ func (p *pool) turn(ctx context.Context) bool {
 	}
 }
 
-// recycle destroys the jails that are too old or dead.
+// recycle destroys the jails that are too old or dead, and the bare ones that waited longer than requests that
+// come back to back would have let them: the next request may come seldom, and should find a prefaulted jail.
 func (p *pool) recycle() {
 	p.mu.Lock()
 	var keep, drop []*jail
 	for _, j := range p.ready {
-		if j.alive() && time.Since(j.readyAt) < p.maxAge {
+		if j.alive() && time.Since(j.readyAt) < p.maxAge && !(j.bare && time.Since(j.readyAt) > p.bareIdle) {
 			keep = append(keep, j)
 		} else {
 			drop = append(drop, j)

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // newPooled returns a runner with a pool of size, whose pool is full; its jails are forked if forked. preload, if
@@ -197,5 +199,103 @@ func baseMemory(t *testing.T, forked bool) {
 	}
 	if !(base["plain"] < base["numpy"] && base["numpy"] < base["numpy+pandas"]) {
 		t.Fatalf("base memory %v", base)
+	}
+}
+
+// A request that finds its pool empty while the pool is forking a jail takes that jail once it is ready, instead of
+// forking one of its own: that one started earlier. The fork server is held stopped, so that the pool's next jail
+// is still forming when the request comes.
+func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
+	r := newPooled(t, "", 1, time.Hour, true, "json")
+	p := r.pools[0]
+	fs := r.forks.server(nil)
+	if fs == nil {
+		t.Fatal("no plain fork server")
+	}
+	hello := "def main():\n    return 1\n"
+	fs.cg.stopAll()
+	defer fs.cg.signal(unix.SIGCONT, false, nil)
+	if out, err := runWith(t, r, hello); err != nil || !out.Warm {
+		t.Fatalf("the ready jail: warm=%v %v", out.Warm, err)
+	}
+	waitUntil(t, "the pool to fork its next jail", func() bool { return p.forming() == 1 })
+	type result struct {
+		out Outcome
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := runWith(t, r, hello)
+		done <- result{out, err}
+	}()
+	waitUntil(t, "the request to wait for that jail", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.waiting == 1
+	})
+	fs.cg.signal(unix.SIGCONT, false, nil)
+	res := <-done
+	if res.err != nil || !res.out.Warm || !res.out.Forked || string(res.out.Result) != "1" {
+		t.Fatalf("warm=%v forked=%v result=%q %v; want the pool's forked jail", res.out.Warm, res.out.Forked, res.out.Result, res.err)
+	}
+}
+
+// makeBare has pool i of r hold one bare jail, as it does while requests come back to back.
+func makeBare(t *testing.T, r *Runner, i int) {
+	t.Helper()
+	p := r.pools[i]
+	waitUntil(t, "a warm jail", func() bool { return p.count() == 1 })
+	p.mu.Lock()
+	p.bareIdle = time.Hour
+	p.lastTake = time.Now() // a request just came
+	j := p.takeLocked()
+	p.mu.Unlock()
+	j.discard()
+	p.poke()
+	waitUntil(t, "a bare jail", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return len(p.ready) == 1 && p.ready[0].bare
+	})
+}
+
+// restBare undoes makeBare: the pools replace bare jails again once requests stop.
+func restBare(r *Runner) {
+	for _, p := range r.pools {
+		p.mu.Lock()
+		p.bareIdle = seldom
+		p.mu.Unlock()
+		p.poke()
+	}
+}
+
+// While requests come back to back, the pool forks its jails bare (without prefault, which would only delay the
+// request about to take them); once they stop, it replaces the bare ones by prefaulted ones, and only then counts
+// itself full.
+func TestBareJailsAreReplacedAtRest(t *testing.T) {
+	r := newPooled(t, "", 1, time.Hour, true, "json")
+	p := r.pools[0]
+	p.mu.Lock()
+	p.lastTake = time.Now()
+	p.bareIdle = time.Hour
+	p.mu.Unlock()
+	if out, err := runWith(t, r, "def main():\n    return 1\n"); err != nil || !out.Warm {
+		t.Fatalf("warm=%v %v", out.Warm, err)
+	}
+	waitUntil(t, "the next jail", func() bool { return p.count() == 1 })
+	p.mu.Lock()
+	bare := p.ready[0].bare
+	p.bareIdle = 0
+	p.mu.Unlock()
+	if !bare {
+		t.Fatal("a jail forked right after a request's was prefaulted")
+	}
+	if ready, all := r.WarmJails(); ready == all {
+		t.Fatal("a pool holding a bare jail counts itself full")
+	}
+	p.poke()
+	waitUntil(t, "the bare jail to be replaced by a prefaulted one", func() bool { return p.settled() == 1 })
+	if ready, all := r.WarmJails(); ready != all {
+		t.Fatalf("%d of %d warm jails at rest", ready, all)
 	}
 }

@@ -33,6 +33,10 @@ var harnessSource []byte
 // AddressSpaceAllowance is added to the memory limit for RLIMIT_AS where there are no cgroups (see New).
 const AddressSpaceAllowance = 192 << 20
 
+// formingWait bounds how long a request waits for a jail its pool is forking ahead (they take tens of
+// milliseconds) before it makes one of its own: only a jail that is stuck would take longer.
+const formingWait = time.Second
+
 // Config says where the sandbox's pieces are. The zero value of each size means its default.
 type Config struct {
 	Nsjail     string // the nsjail binary
@@ -338,10 +342,12 @@ func (r *Runner) jailArgs(uid int, preload []string) []string {
 	return append(append(args, r.command...), string(hc))
 }
 
-// WarmJails is how many warm jails are ready now, in all pools, and how many the pools keep.
+// WarmJails is how many warm jails are ready now, in all pools, and how many the pools keep. Bare jails (forked
+// without prefaulting while requests came back to back, and replaced once they stop) do not count: the pools
+// are at rest when it reports them full.
 func (r *Runner) WarmJails() (ready, size int) {
 	for _, p := range r.pools {
-		ready += p.count()
+		ready += p.settled()
 		size += p.size
 	}
 	return ready, size
@@ -382,6 +388,9 @@ func (r *Runner) Run(ctx context.Context, script []byte, files ...File) (Outcome
 		}
 	}()
 	j := r.takeWarm(script)
+	if j == nil && r.forks != nil && len(r.pools) > 0 {
+		j = r.pools[r.preloadIndex(script)].awaitForming(ctx, formingWait)
+	}
 	warm := j != nil
 	if !warm {
 		// Forked from the fork server that has what the script names, if there is one; else a plain cold jail
