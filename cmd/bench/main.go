@@ -501,9 +501,15 @@ func chart(targets []string, scenarios []scenario, results map[string]map[string
 	for pi, p := range panels {
 		x0 := 40 + pi*(panelW+40)
 		top, bottom := 50, 310
+		var shown []workload.Script // the examples measured in the panel's scenario (plots are not run at c=4)
+		for _, ex := range examples {
+			if _, ok := results[targets[0]][ex.Name][p.sc]; ok {
+				shown = append(shown, ex)
+			}
+		}
 		max := 0.0
 		for _, t := range targets {
-			for _, ex := range examples {
+			for _, ex := range shown {
 				if v := p.value(results[t][ex.Name][p.sc]); v > max {
 					max = v
 				}
@@ -513,7 +519,7 @@ func chart(targets []string, scenarios []scenario, results map[string]map[string
 		fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>`+"\n", x0, bottom, x0+panelW-20, bottom)
 		groupW := (panelW - 20) / len(examples)
 		barW := (groupW - 20) / len(targets)
-		for gi, ex := range examples {
+		for gi, ex := range shown {
 			gx := x0 + gi*groupW + 10
 			for ti, t := range targets {
 				v := p.value(results[t][ex.Name][p.sc])
