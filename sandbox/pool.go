@@ -34,6 +34,8 @@ type pool struct {
 	waiting  int           // requests waiting for one of them
 	arrived  chan struct{} // closed when one of them is ready or failed
 	bareIdle time.Duration // how long a bare jail may wait before it is replaced by a prefaulted one
+	backoff  time.Duration // after failed starts: the pool starts no jail before retryAt
+	retryAt  time.Time
 
 	wake chan struct{} // a jail was taken, or one may have aged
 	stop chan struct{}
@@ -88,17 +90,16 @@ func (p *pool) awaitForming(ctx context.Context, limit time.Duration) *jail {
 	defer timer.Stop()
 	p.mu.Lock()
 	p.waiting++
-	defer func() {
-		p.mu.Lock()
-		p.waiting--
-		p.mu.Unlock()
-	}()
 	for {
+		// Leaving, the waiter stops counting in the same hold of the lock in which it took a jail or gave up: a
+		// jail it leaves to the others counts for them at once.
 		if j := p.takeLocked(); j != nil {
+			p.waiting--
 			p.mu.Unlock()
 			return j
 		}
 		if p.pending < p.waiting || p.closed {
+			p.waiting--
 			p.mu.Unlock()
 			return nil
 		}
@@ -106,12 +107,15 @@ func (p *pool) awaitForming(ctx context.Context, limit time.Duration) *jail {
 		p.mu.Unlock()
 		select {
 		case <-arrived:
+			p.mu.Lock()
+			continue
 		case <-timer.C:
-			return nil
 		case <-ctx.Done():
-			return nil
 		}
 		p.mu.Lock()
+		p.waiting--
+		p.mu.Unlock()
+		return nil
 	}
 }
 
@@ -158,8 +162,7 @@ func (p *pool) refill() {
 		<-p.stop
 		cancel()
 	}()
-	backoff := time.Duration(0)
-	for {
+	for ctx.Err() == nil {
 		p.recycle()
 		if d := p.holdOff(); d > 0 && p.count() < p.size {
 			select {
@@ -170,39 +173,39 @@ func (p *pool) refill() {
 			}
 			continue
 		}
-		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.forkAhead(ctx) {
-			continue
-		}
-		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.turn(ctx) {
-			j, err := p.r.launch(p.preload, true)
-			if err == nil {
-				if err = j.awaitReady(ctx); err != nil {
-					j.finish(false, err)
-				}
-			}
-			<-p.r.refilling
-			if err != nil && ctx.Err() != nil {
-				return // closing
-			}
-			if err != nil {
-				// The cold path still works if the sandbox does; do not spin on a failing start.
-				backoff = min(max(2*backoff, 100*time.Millisecond), 10*time.Second)
-			} else {
-				backoff = 0
-				p.mu.Lock()
-				if p.closed {
-					p.mu.Unlock()
-					j.discard()
-					return
-				}
-				p.ready = append(p.ready, j)
-				p.mu.Unlock()
+		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.retryIn() == 0 {
+			if p.forkAhead(ctx) {
 				continue
+			}
+			if p.turn(ctx) {
+				j, err := p.r.launch(p.preload, true)
+				if err == nil {
+					if err = j.awaitReady(ctx); err != nil {
+						j.finish(false, err)
+					}
+				}
+				<-p.r.refilling
+				if err != nil && ctx.Err() != nil {
+					return // closing
+				}
+				p.mu.Lock()
+				p.startedLocked(err)
+				if err == nil {
+					if p.closed {
+						p.mu.Unlock()
+						j.discard()
+						return
+					}
+					p.ready = append(p.ready, j)
+					p.mu.Unlock()
+					continue
+				}
+				p.mu.Unlock()
 			}
 		}
 		wait := p.maxAge / 4
-		if backoff > 0 {
-			wait = backoff
+		if d := p.retryIn(); d > 0 {
+			wait = d
 		} else if p.count()+p.forming() < p.size {
 			wait = 50 * time.Millisecond // busy: look again soon (an execution's end also wakes the pool)
 		} else if p.settled() < p.size {
@@ -215,6 +218,25 @@ func (p *pool) refill() {
 		case <-time.After(wait):
 		}
 	}
+}
+
+// startedLocked records how a start went: after a failure the pool starts no jail for a while, doubling the pause
+// with each failure in a row. The cold path still works if the sandbox does; a start that failed would most
+// likely fail again, and the pool must not spin on it.
+func (p *pool) startedLocked(err error) {
+	if err == nil {
+		p.backoff = 0
+		return
+	}
+	p.backoff = min(max(2*p.backoff, 100*time.Millisecond), 10*time.Second)
+	p.retryAt = time.Now().Add(p.backoff)
+}
+
+// retryIn is how long the pool still pauses after a failed start.
+func (p *pool) retryIn() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return max(time.Until(p.retryAt), 0)
 }
 
 func (p *pool) idleLimit() time.Duration {
@@ -249,6 +271,12 @@ func (p *pool) forming() int {
 // load that one start at a time could not. Cold starts (an interpreter each, hundreds of milliseconds of CPU)
 // still take turns. It returns false if there is no fork server for the pool.
 func (p *pool) forkAhead(ctx context.Context) bool {
+	p.mu.Lock()
+	closed := p.closed
+	p.mu.Unlock()
+	if closed || ctx.Err() != nil {
+		return false
+	}
 	fs := p.r.forks.server(p.preload)
 	if fs == nil {
 		return false
@@ -281,6 +309,9 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 		if err == nil && !closed {
 			p.ready = append(p.ready, j)
 		}
+		if ctx.Err() == nil {
+			p.startedLocked(err)
+		}
 		close(p.arrived) // a jail came, or one will not: the waiters look again
 		p.arrived = make(chan struct{})
 		p.mu.Unlock()
@@ -302,13 +333,13 @@ func (p *pool) turn(ctx context.Context) bool {
 	}
 }
 
-// recycle destroys the jails that are too old or dead, and the bare ones that waited longer than requests that
-// come back to back would have let them: the next request may come seldom, and should find a prefaulted jail.
+// recycle destroys the jails that are too old or dead, and the bare ones once requests have stopped coming back
+// to back (none for bareIdle): the next request may come seldom, and should find a prefaulted jail.
 func (p *pool) recycle() {
 	p.mu.Lock()
 	var keep, drop []*jail
 	for _, j := range p.ready {
-		if j.alive() && time.Since(j.readyAt) < p.maxAge && !(j.bare && time.Since(j.readyAt) > p.bareIdle) {
+		if j.alive() && time.Since(j.readyAt) < p.maxAge && !(j.bare && time.Since(j.readyAt) > p.bareIdle && time.Since(p.lastTake) > p.bareIdle) {
 			keep = append(keep, j)
 		} else {
 			drop = append(drop, j)

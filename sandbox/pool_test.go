@@ -299,3 +299,27 @@ func TestBareJailsAreReplacedAtRest(t *testing.T) {
 		t.Fatalf("%d of %d warm jails at rest", ready, all)
 	}
 }
+
+// Requests that come steadily, though not back to back, keep the pool making one jail per request: a bare jail
+// that waited its turn in a larger pool is not thrown away while requests still come.
+func TestSteadyRequestsDoNotChurnBareJails(t *testing.T) {
+	const size, requests = 4, 30
+	r := newPooled(t, "", size, time.Hour, true, "json")
+	fs := r.forks.server(nil)
+	if fs == nil {
+		t.Fatal("no plain fork server")
+	}
+	before := fs.forkCount()
+	for i := 0; i < requests; i++ {
+		if out, err := runWith(t, r, "def main():\n    return 1\n"); err != nil || !out.Forked {
+			t.Fatalf("forked=%v %v", out.Forked, err)
+		}
+		time.Sleep(40 * time.Millisecond)
+	}
+	// One jail per request to refill the pool, and a few more: the last bare ones replaced at rest, and on a
+	// busy machine a request that came more than bareIdle after the one before.
+	waitUntil(t, "the pool at rest", func() bool { ready, all := r.WarmJails(); return ready == all })
+	if forks := fs.forkCount() - before; forks > requests+size+5 {
+		t.Fatalf("%d forks for %d requests with a pool of %d", forks, requests, size)
+	}
+}
