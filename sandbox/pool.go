@@ -70,7 +70,7 @@ func (p *pool) takeLocked() *jail {
 	for len(p.ready) > 0 {
 		j := p.ready[0]
 		p.ready = p.ready[1:]
-		if j.alive() && time.Since(j.readyAt) < p.maxAge {
+		if p.usable(j) {
 			return j
 		}
 		p.r.cleanups.Add(1)
@@ -173,7 +173,7 @@ func (p *pool) refill() {
 			}
 			continue
 		}
-		if p.count()+p.forming() < p.size && !p.r.cfg.Busy() && p.retryIn() == 0 {
+		if p.short() && !p.r.cfg.Busy() && p.retryIn() == 0 {
 			if p.forkAhead(ctx) {
 				continue
 			}
@@ -190,23 +190,21 @@ func (p *pool) refill() {
 				}
 				p.mu.Lock()
 				p.startedLocked(err)
-				if err == nil {
-					if p.closed {
-						p.mu.Unlock()
-						j.discard()
-						return
-					}
-					p.ready = append(p.ready, j)
-					p.mu.Unlock()
+				added := err == nil && p.addLocked(j)
+				p.mu.Unlock()
+				if err == nil && !added {
+					j.discard()
+					return
+				}
+				if added {
 					continue
 				}
-				p.mu.Unlock()
 			}
 		}
 		wait := p.maxAge / 4
 		if d := p.retryIn(); d > 0 {
 			wait = d
-		} else if p.count()+p.forming() < p.size {
+		} else if p.short() {
 			wait = 50 * time.Millisecond // busy: look again soon (an execution's end also wakes the pool)
 		} else if p.settled() < p.size {
 			wait = min(wait, p.idleLimit()) // a bare jail to replace soon
@@ -258,21 +256,18 @@ func (p *pool) settled() int {
 	return n
 }
 
-// forming reports how many jails the pool has asked its fork server for that are not ready yet.
-func (p *pool) forming() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.pending
-}
-
 // forkAhead asks the pool's fork server for a jail and lets it come up in the background: a fork costs the fork
 // server a millisecond, and the rest of a forked jail's start happens in the child, much of it waiting (for the
 // kernel to move it into its cgroup, for a CPU), so several can come up at once, which keeps up with a sustained
 // load that one start at a time could not. Cold starts (an interpreter each, hundreds of milliseconds of CPU)
 // still take turns. It returns false if there is no fork server for the pool.
 func (p *pool) forkAhead(ctx context.Context) bool {
+	// Copying ahead what a script would write saves a waiting jail's script that time; a jail that a request will
+	// take as soon as it is ready (requests come back to back) would only make that request wait for all of it,
+	// where its script copies only what it writes.
 	p.mu.Lock()
 	closed := p.closed
+	prefault := p.hold || time.Since(p.lastTake) > seldom
 	p.mu.Unlock()
 	if closed || ctx.Err() != nil {
 		return false
@@ -281,12 +276,6 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 	if fs == nil {
 		return false
 	}
-	// Copying ahead what a script would write saves a waiting jail's script that time; a jail that a request will
-	// take as soon as it is ready (requests come back to back) would only make that request wait for all of it,
-	// where its script copies only what it writes.
-	p.mu.Lock()
-	prefault := p.hold || time.Since(p.lastTake) > seldom
-	p.mu.Unlock()
 	j, err := p.r.launchForked(fs, p.preload, prefault)
 	if err != nil {
 		p.r.logForkFailure(err)
@@ -305,22 +294,39 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 		}
 		p.mu.Lock()
 		p.pending--
-		closed := p.closed
-		if err == nil && !closed {
-			p.ready = append(p.ready, j)
-		}
+		added := err == nil && p.addLocked(j)
 		if ctx.Err() == nil {
 			p.startedLocked(err)
 		}
 		close(p.arrived) // a jail came, or one will not: the waiters look again
 		p.arrived = make(chan struct{})
 		p.mu.Unlock()
-		if err == nil && closed {
+		if err == nil && !added {
 			j.discard()
 		}
 		p.poke()
 	}()
 	return true
+}
+
+// usable reports whether a ready jail may still serve: alive, and younger than the pool's maximum age.
+func (p *pool) usable(j *jail) bool { return j.alive() && time.Since(j.readyAt) < p.maxAge }
+
+// addLocked puts a jail that came up into the pool, and reports false if the pool is closed: the caller then
+// discards the jail.
+func (p *pool) addLocked(j *jail) bool {
+	if p.closed {
+		return false
+	}
+	p.ready = append(p.ready, j)
+	return true
+}
+
+// short reports whether the pool holds, ready or forming, fewer jails than its size.
+func (p *pool) short() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.ready)+p.pending < p.size
 }
 
 // turn waits for the pools' shared token, which lets one jail start at a time between all pools.
@@ -339,7 +345,9 @@ func (p *pool) recycle() {
 	p.mu.Lock()
 	var keep, drop []*jail
 	for _, j := range p.ready {
-		if j.alive() && time.Since(j.readyAt) < p.maxAge && !(j.bare && time.Since(j.readyAt) > p.bareIdle && time.Since(p.lastTake) > p.bareIdle) {
+		// Bare ones go once requests have stopped coming back to back.
+		restless := j.bare && time.Since(j.readyAt) > p.bareIdle && time.Since(p.lastTake) > p.bareIdle
+		if p.usable(j) && !restless {
 			keep = append(keep, j)
 		} else {
 			drop = append(drop, j)

@@ -218,7 +218,11 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 	if out, err := runWith(t, r, hello); err != nil || !out.Warm {
 		t.Fatalf("the ready jail: warm=%v %v", out.Warm, err)
 	}
-	waitUntil(t, "the pool to fork its next jail", func() bool { return p.forming() == 1 })
+	waitUntil(t, "the pool to fork its next jail", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.pending == 1
+	})
 	type result struct {
 		out Outcome
 		err error

@@ -267,13 +267,12 @@ func (r *Runner) Info() Info {
 // Limits returns the jail's limits as read from nsjail.cfg.
 func (r *Runner) Limits() Limits { return r.limits }
 
-// takeWarm takes a warm jail for the script: from the smallest pool that has every preloaded module the script
-// names anywhere in its source. The choice is a hint for speed only: every pool's jail is the same jail, and a
+// takeWarm takes a warm jail for a script whose preloadIndex is want: from the smallest pool that has every
+// preloaded module the script names anywhere in its source. The choice is a hint for speed only: every pool's jail is the same jail, and a
 // script that imports pandas in a plain jail simply imports it itself. Without fork servers, an empty pool's
 // request takes a smaller pool's jail (which still saves starting the interpreter); with them, forking the right
 // jail on the spot is faster than importing what the smaller one lacks.
-func (r *Runner) takeWarm(script []byte) *jail {
-	want := r.preloadIndex(script)
+func (r *Runner) takeWarm(want int) *jail {
 	for i := want; i >= 0; i-- {
 		if r.forks != nil && i < want {
 			break
@@ -387,15 +386,16 @@ func (r *Runner) Run(ctx context.Context, script []byte, files ...File) (Outcome
 			p.poke()
 		}
 	}()
-	j := r.takeWarm(script)
-	if j == nil && r.forks != nil && len(r.pools) > 0 {
-		j = r.pools[r.preloadIndex(script)].awaitForming(ctx, formingWait)
+	want := r.preloadIndex(script) // a scan of the whole script: once
+	j := r.takeWarm(want)
+	if j == nil && r.forks != nil {
+		j = r.pools[want].awaitForming(ctx, formingWait)
 	}
 	warm := j != nil
 	if !warm {
 		// Forked from the fork server that has what the script names, if there is one; else a plain cold jail
 		// (a cold jail that preloaded would only do what the script does itself).
-		preload := r.cfg.Preload[:r.preloadIndex(script)]
+		preload := r.cfg.Preload[:want]
 		if r.forks == nil {
 			preload = nil
 		}
