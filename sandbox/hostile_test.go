@@ -2,6 +2,8 @@ package sandbox
 
 import (
 	"context"
+	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -120,5 +122,34 @@ func TestForkBombDoesNotReachOtherJails(t *testing.T) {
 			}
 		}
 		wg.Wait()
+	})
+}
+
+// A script that ran into the process or memory limit and did not finish gets that limit's error, also when its
+// time runs out after, and also while every CPU of the machine is busy with other work (CI once answered a fork
+// bomb TimeoutError on a loaded machine). The CPUs are saturated by processes this test starts.
+func TestLimitsDoNotDependOnLoad(t *testing.T) {
+	for i := 0; i < 2*runtime.NumCPU(); i++ {
+		burner := exec.Command("/bin/sh", "-c", "while :; do :; done")
+		if err := burner.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { burner.Process.Kill(); burner.Wait() })
+	}
+	onBothPaths(t, func(t *testing.T) {
+		for _, tt := range []struct {
+			name, script string
+			limit        Limit
+		}{
+			{"fork bomb", "import os\ndef main():\n    while True:\n        os.fork()\n", LimitProcesses},
+			{"memory hog", "def main():\n    xs = []\n    while True:\n        xs.append(bytearray(1 << 20))\n", LimitMemory},
+			// These hit the limit, then wait for the clock: without the rule they would be TimeoutErrors.
+			{"forks to the limit, then waits", "import os, time\ndef main():\n    while True:\n        try:\n            if os.fork() == 0:\n                time.sleep(60)\n        except OSError:\n            time.sleep(60)\n", LimitProcesses},
+			{"a child is OOM-killed, then it waits", "import multiprocessing, time\ndef hog():\n    xs = []\n    while True:\n        xs.append(bytearray(1 << 20))\ndef main():\n    multiprocessing.Process(target=hog).start()\n    time.sleep(60)\n", LimitMemory},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				mustFail(t, tt.script, ResourceLimitError, tt.limit)
+			})
+		}
 	})
 }

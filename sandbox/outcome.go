@@ -115,12 +115,29 @@ func classifyResult(o observation, l Limits, maxResult int) (json.RawMessage, er
 	if !o.started || o.stalled {
 		return nil, fmt.Errorf("%w: the jail did not start (exit status %d)", ErrSandbox, o.exitCode)
 	}
+	memory := &ScriptError{Kind: ResourceLimitError, Limit: LimitMemory,
+		Message: fmt.Sprintf("the memory limit of %s was exceeded", mib(l.MemoryBytes))}
+	processes := &ScriptError{Kind: ResourceLimitError, Limit: LimitProcesses,
+		Message: fmt.Sprintf("the process limit of %d was reached", l.Processes)}
+	// A script that did not finish and ran into the memory or process limit on the way gets that limit's error,
+	// whatever ended it then: on a busy machine a fork bomb or a memory hog can be slower to fail than the clock
+	// is to run out, and the answer must not depend on the machine's load (the contract, "Errors").
+	limitOnTheWay := func() *ScriptError {
+		switch {
+		case o.oomKilled:
+			return memory
+		case o.pidsMax:
+			return processes
+		}
+		return nil
+	}
 	if o.timedOut {
+		if e := limitOnTheWay(); e != nil {
+			return nil, e
+		}
 		return nil, &ScriptError{Kind: TimeoutError, Limit: LimitWall,
 			Message: fmt.Sprintf("the wall-clock limit of %s ran out", l.Wall)}
 	}
-	memory := &ScriptError{Kind: ResourceLimitError, Limit: LimitMemory,
-		Message: fmt.Sprintf("the memory limit of %s was exceeded", mib(l.MemoryBytes))}
 	if len(o.frame) > 0 {
 		switch o.frame[0] {
 		case 'R':
@@ -139,17 +156,20 @@ func classifyResult(o observation, l Limits, maxResult int) (json.RawMessage, er
 			if o.truncated || json.Unmarshal(o.frame[1:], &f) != nil {
 				break
 			}
-			return nil, frameError(f, o, l, memory)
+			return nil, frameError(f, o, l, memory, processes)
 		}
 		return nil, &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
 	}
 	// No frame: the script's process ended before main() returned.
-	if o.oomKilled {
+	if o.oomKilled { // the OOM killer may pick any process of the jail, a forked jail's supervisor too
 		return nil, memory
 	}
 	if o.exitCode < 0 {
 		// A forked jail's supervisor ended without a status: its fork server died under it.
 		return nil, fmt.Errorf("%w: the jail ended without an exit status", ErrSandbox)
+	}
+	if e := limitOnTheWay(); e != nil {
+		return nil, e
 	}
 	if o.exitCode > 128 {
 		sig := syscall.Signal(o.exitCode - 128)
@@ -168,7 +188,7 @@ func classifyResult(o observation, l Limits, maxResult int) (json.RawMessage, er
 		Message: fmt.Sprintf("the script exited with status %d before main() returned", o.exitCode)}
 }
 
-func frameError(f errorFrame, o observation, l Limits, memory *ScriptError) error {
+func frameError(f errorFrame, o observation, l Limits, memory, processes *ScriptError) error {
 	e := &ScriptError{Kind: ExecutionError, Message: f.Message, Traceback: f.Traceback}
 	switch f.Kind {
 	case "serialization":
@@ -197,8 +217,8 @@ func frameError(f errorFrame, o observation, l Limits, memory *ScriptError) erro
 			Message: fmt.Sprintf("the file size limit of %d MiB was exceeded", l.FileSizeMiB)}
 	case (o.pidsMax || o.rlimits) && (syscall.Errno(f.Errno) == syscall.EAGAIN && f.Type == "BlockingIOError" ||
 		f.Type == "RuntimeError" && strings.Contains(f.Message, "can't start new thread")):
-		return &ScriptError{Kind: ResourceLimitError, Limit: LimitProcesses, Traceback: f.Traceback,
-			Message: fmt.Sprintf("the process limit of %d was reached", l.Processes)}
+		processes.Traceback = f.Traceback
+		return processes
 	case syscall.Errno(f.Errno) == syscall.ENOSPC:
 		return &ScriptError{Kind: ResourceLimitError, Limit: LimitDisk, Traceback: f.Traceback,
 			Message: fmt.Sprintf("the writable space of /sandbox and /tmp (%s each) is full", mib(l.TmpfsBytes))}
