@@ -49,13 +49,13 @@ func startFramework(t *testing.T, env ...string) *testserver.Server {
 		"TMPDIR=" + tmp}, env...)...)
 }
 
-type answer struct {
+type reply struct {
 	status int
 	header http.Header
 	body   []byte
 }
 
-func request(t *testing.T, base, method, path, body string, header map[string]string) answer {
+func request(t *testing.T, base, method, path, body string, header map[string]string) reply {
 	t.Helper()
 	req, err := http.NewRequest(method, base+path, strings.NewReader(body))
 	if err != nil {
@@ -71,7 +71,7 @@ func request(t *testing.T, base, method, path, body string, header map[string]st
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return answer{resp.StatusCode, resp.Header, b}
+	return reply{resp.StatusCode, resp.Header, b}
 }
 
 // The contract under the framework's own server: its four examples, every status row of its error table (503

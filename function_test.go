@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/sandbox"
 	"github.com/safe-py/safepy/workload"
 )
@@ -561,6 +562,19 @@ def main():
 	if png, _ := base64.StdEncoding.DecodeString(ok.Files[0].Content); !bytes.HasPrefix(png, []byte("\x89PNG\r\n\x1a\n")) {
 		t.Fatal("plot.png is not a PNG")
 	}
+
+	// A file that does not fit is left out and named, never an error; so on an error answer.
+	for _, tt := range []struct{ script, want string }{
+		{"def main():\n    open('scratch.csv', 'wb').write(b'x' * (9 << 20))\n    open('a.txt', 'w').write('a')\n    return 1\n",
+			`{"result":1,"stdout":"","files":[{"path":"a.txt","size":1,"content":"YQ=="}],"files_truncated":true,"files_omitted":[{"path":"scratch.csv","size":9437184}]}`},
+		{"def main():\n    open('scratch.csv', 'wb').write(b'x' * (9 << 20))\n    raise ValueError('half way')\n",
+			`{"error":{"type":"ExecutionError","message":"ValueError: half way","traceback":"Traceback (most recent call last):\n  File \"/sandbox/script.py\", line 3, in main\n    raise ValueError('half way')\nValueError: half way\n"},"stdout":"","files_truncated":true,"files_omitted":[{"path":"scratch.csv","size":9437184}]}`},
+	} {
+		r = post(t, scriptBody(tt.script))
+		if string(r.body) != tt.want+"\n" {
+			t.Fatalf("got  %s\nwant %s", r.body, tt.want)
+		}
+	}
 }
 
 // A request without files, whose script writes nothing to stderr and leaves no file, gets exactly the answer it got
@@ -599,7 +613,7 @@ func TestDecodingCostIsBounded(t *testing.T) {
 			runtime.GC()
 			runtime.ReadMemStats(&before)
 			r := httptest.NewRequest(http.MethodPost, "/execute", strings.NewReader(body))
-			_, status, verr := decodeRequest(httptest.NewRecorder(), r, 2<<20, 1<<20, 4096)
+			_, status, verr := decodeRequest(httptest.NewRecorder(), r, budget.New(64<<20).NewHold(), 2<<20, 1<<20, 4096)
 			runtime.ReadMemStats(&after)
 			if verr == nil || status != 400 {
 				t.Fatalf("accepted: %d %v", status, verr)

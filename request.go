@@ -8,11 +8,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
 
+	"github.com/safe-py/safepy/internal/budget"
+	"github.com/safe-py/safepy/internal/pace"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -27,10 +30,37 @@ type executeRequest struct {
 	Files  []sandbox.File
 }
 
+// bodyRate is the least rate at which a client must send its body, after a grace for the first bytes (as for a
+// header): a client that trickles its body is cut off instead of holding its connection and what it sent.
+var bodyRate = pace.Rate{Grace: 5 * time.Second, BytesPerSec: 64 << 10}
+
+// errBodyBudget is what reading a body returns when the service's budget has no room for its next bytes.
+var errBodyBudget = errors.New("the server is reading too many request bodies at once; retry later")
+
+// bodyReader reads a request's body, charging every byte to the request's hold on the service's budget as it
+// arrives (not as announced) and keeping the client to bodyRate.
+type bodyReader struct {
+	r    io.Reader
+	held *budget.Hold
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	if len(p) > 64<<10 {
+		p = p[:64<<10]
+	}
+	if !b.held.TryGrow(int64(len(p))) {
+		return 0, errBodyBudget
+	}
+	n, err := b.r.Read(p)
+	b.held.Shrink(int64(len(p) - n))
+	return n, err
+}
+
 // decodeRequest reads a request body strictly: valid UTF-8, one JSON object with no duplicate keys and no lone
 // surrogate escapes (which a decoder would silently replace), with a non-empty string "script" and optionally
-// "files". The script that runs, and the files it finds, are exactly the ones that were sent, or nothing runs.
-func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScript, maxInodes int) (executeRequest, int, *apiError) {
+// "files". The script that runs, and the files it finds, are exactly the ones that were sent, or nothing runs. What
+// the body holds is charged to held as it arrives; when the budget has no room, the status is 503.
+func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, maxBody int64, maxScript, maxInodes int) (executeRequest, int, *apiError) {
 	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
 		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
 	}
@@ -46,8 +76,20 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, maxBody int64, maxScr
 		}
 		return tooLarge()
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
-	if err != nil {
+	rc := http.NewResponseController(w)
+	setDeadline := func(t time.Time) error { return unsupportedOK(rc.SetReadDeadline(t)) }
+	paced := &pace.Reader{R: r.Body, Rate: bodyRate, Start: time.Now(), SetDeadline: setDeadline}
+	body, err := io.ReadAll(io.LimitReader(&bodyReader{r: paced, held: held}, maxBody+1))
+	// No deadline once the body is in: the server's read of the connection that notices a client that goes away
+	// would take one that passes for that, and cancel the request.
+	_ = setDeadline(time.Time{})
+	switch {
+	case errors.Is(err, errBodyBudget):
+		return executeRequest{}, http.StatusServiceUnavailable, &apiError{Type: "Overloaded", Message: errBodyBudget.Error()}
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		return invalid(http.StatusBadRequest, "the request body arrived slower than %d bytes a second", bodyRate.BytesPerSec)
+	case err != nil:
 		return invalid(http.StatusBadRequest, "could not read the request body")
 	}
 	if int64(len(body)) > maxBody {

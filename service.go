@@ -1,11 +1,9 @@
 package safepy
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,7 +12,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -22,6 +19,8 @@ import (
 
 	"github.com/safe-py/safepy/admission"
 	"github.com/safe-py/safepy/cloudlog"
+	"github.com/safe-py/safepy/connlimit"
+	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -32,12 +31,18 @@ type Service struct {
 	gate   *admission.Gate
 	log    *slog.Logger
 	ready  atomic.Bool
-	bodies *budget // bytes of request bodies held in memory at once
+	mem    *budget.Budget // bytes of request bodies and answers held in memory at once
 }
 
-// bodyBudget bounds the request bodies the server holds at once (read, queued or running): many clients sending
-// large bodies together get 503 rather than the server's memory.
-const bodyBudget = 64 << 20
+// memoryBudget bounds what the server holds for its clients at once: request bodies as they arrive and while
+// their scripts wait and run, and answers until they are written. Many clients sending large bodies, or not reading
+// large answers, together get 503 rather than the server's memory. It is at least a few of the largest body and
+// answer the caps allow.
+const memoryBudget = 64 << 20
+
+// answerWait bounds how long an answer waits for room in the budget (answers being written to clients that
+// read slowly free it within answerRate's grace) before the request gets 503.
+const answerWait = 5 * time.Second
 
 // selfCheck is run in the real jail before the service reports healthy: the interpreter, numpy and pandas
 // import, the script runs as an unprivileged user, and the result and stdout channels work.
@@ -100,7 +105,8 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
-	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, bodies: newBudget(max(bodyBudget, 2*cfg.MaxBodyBytes))}
+	largest := max(cfg.MaxBodyBytes, (&answer{}).size()+2*runner.MaxOutcomeBytes())
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, mem: budget.New(max(memoryBudget, 4*largest))}
 	s.ready.Store(true)
 	return s, nil
 }
@@ -165,15 +171,22 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // execute answers one execution request and returns what its log entry says: the outcome, the limit hit, the
-// durations, the script's size and a hash. Never the script, its output or its result.
+// durations, the script's size and a hash, what the answer held and how much of it was written. Never the script,
+// its output or its result.
+//
+// What the request holds in memory is counted in the service's budget from its first byte to its last: its body as
+// it arrives (a client that announces a large body and sends it slowly holds only what it sent, and is cut off
+// below bodyRate), then the answer until the client has it. The connection is held (connlimit.Hold) only while
+// the request waits for a slot and runs: reading a body, or writing an answer the client may not read, it can be
+// closed to make room like an idle one.
 func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
-	held, ok := s.bodies.take(bodyReservation(r, s.cfg.MaxBodyBytes))
-	if !ok {
-		return s.overloaded(w, nil, time.Second, "the server is reading too many request bodies at once; retry later")
-	}
-	defer s.bodies.give(held)
-	req, status, verr := decodeRequest(w, r, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
+	held := s.mem.NewHold()
+	defer held.Release()
+	req, status, verr := decodeRequest(w, r, held, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
 	if verr != nil {
+		if status == http.StatusServiceUnavailable {
+			return s.overloaded(w, nil, time.Second, verr.Message)
+		}
 		writeError(w, status, *verr, nil)
 		return []slog.Attr{slog.String("outcome", verr.Type)}
 	}
@@ -181,6 +194,8 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	sum := sha256.Sum256(script)
 	begin := time.Now()
 	entry := []slog.Attr{slog.Int("script_bytes", len(script)), slog.String("script_sha256", hex.EncodeToString(sum[:8]))}
+	unhold := connlimit.Hold(r.Context())
+	defer unhold()
 	release, err := s.gate.Acquire(r.Context())
 	entry = append(entry, slog.Float64("queue_ms", ms(time.Since(begin))))
 	if err != nil {
@@ -193,33 +208,50 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 				s.gate.Slots(), s.gate.Wait()))
 	}
 	out, err := s.runner.Run(r.Context(), script, req.Files...)
-	release()
+	req, script = executeRequest{}, nil // not needed any more: the hold becomes the answer's
 	entry = append(entry, slog.Bool("warm", out.Warm), slog.Bool("forked", out.Forked), slog.Int64("jail_base_bytes", out.BaseMemory),
 		slog.Int64("jail_peak_bytes", out.PeakMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
 		slog.Float64("total_ms", ms(time.Since(begin))))
 
+	var a *answer
 	var se *sandbox.ScriptError
 	switch {
 	case err == nil:
-		writeJSON(w, http.StatusOK, successResponse{Result: out.Result, Stdout: out.Stdout, StdoutTruncated: out.StdoutTruncated,
-			Stderr: out.Stderr, StderrTruncated: out.StderrTruncated, Files: out.Files})
-		return append(entry, slog.String("outcome", "ok"))
+		a = &answer{status: http.StatusOK, out: &out}
+		entry = append(entry, slog.String("outcome", "ok"))
 	case errors.As(err, &se):
-		writeError(w, http.StatusUnprocessableEntity, apiError{Type: string(se.Kind), Message: se.Message,
-			Traceback: se.Traceback, Limit: string(se.Limit)}, &out)
-		return append(entry, slog.String("outcome", string(se.Kind)), slog.String("limit", string(se.Limit)))
+		a = &answer{status: http.StatusUnprocessableEntity, out: &out,
+			err: &apiError{Type: string(se.Kind), Message: se.Message, Traceback: se.Traceback, Limit: string(se.Limit)}}
+		entry = append(entry, slog.String("outcome", string(se.Kind)), slog.String("limit", string(se.Limit)))
 	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
 		// The client went away; the jail is already gone. There is nobody to answer.
+		release()
 		return append(entry, slog.String("outcome", "canceled"))
 	default:
-		var stdout *sandbox.Outcome
+		a = &answer{status: http.StatusInternalServerError,
+			err: &apiError{Type: "InternalError", Message: "the sandbox failed; this is not caused by the script"}}
 		if out.Started {
-			stdout = &out
+			a.out = &out
 		}
-		writeError(w, http.StatusInternalServerError, apiError{Type: "InternalError",
-			Message: "the sandbox failed; this is not caused by the script"}, stdout)
-		return append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
+		entry = append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
 	}
+	// The answer is held in memory until the client has it. Room for it is found while the slot is still held, so
+	// that answers waiting for room never outnumber the slots.
+	ctx, cancel := context.WithTimeout(r.Context(), answerWait)
+	err = held.Resize(ctx, a.size())
+	cancel()
+	release()
+	entry = append(entry, slog.Int64("answer_bytes", a.size()))
+	if err != nil {
+		return s.overloaded(w, entry, answerWait, "the server is writing too many large answers at once; retry later")
+	}
+	unhold()
+	sent, err := send(w, a)
+	entry = append(entry, slog.Int64("answer_sent", sent))
+	if err != nil {
+		entry = append(entry, slog.String("answer_error", err.Error()))
+	}
+	return entry
 }
 
 // overloaded answers 503 with a Retry-After in whole seconds, rounded up.
@@ -227,38 +259,6 @@ func (s *Service) overloaded(w http.ResponseWriter, entry []slog.Attr, retryAfte
 	w.Header().Set("Retry-After", strconv.Itoa(int((retryAfter+time.Second-1)/time.Second)))
 	writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded", Message: message}, nil)
 	return append(entry, slog.String("outcome", "Overloaded"))
-}
-
-// bodyReservation is what a request's body may take of the budget: what it says it is, or the cap.
-func bodyReservation(r *http.Request, maxBody int64) int64 {
-	if r.ContentLength >= 0 && r.ContentLength <= maxBody {
-		return r.ContentLength
-	}
-	return maxBody
-}
-
-// budget is a count of bytes that requests take and give back.
-type budget struct {
-	mu   sync.Mutex
-	left int64
-}
-
-func newBudget(n int64) *budget { return &budget{left: n} }
-
-func (b *budget) take(n int64) (int64, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if n > b.left {
-		return 0, false
-	}
-	b.left -= n
-	return n, true
-}
-
-func (b *budget) give(n int64) {
-	b.mu.Lock()
-	b.left += n
-	b.mu.Unlock()
 }
 
 // maxLoggedLen bounds what of a client's URL, User-Agent and Referer reaches a log line.
@@ -304,6 +304,9 @@ func (r *recorder) WriteHeader(status int) {
 	r.ResponseWriter.WriteHeader(status)
 }
 
+// Unwrap lets http.ResponseController reach the connection's deadlines and flush.
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
 func (r *recorder) Write(b []byte) (int, error) {
 	if r.status == 0 {
 		r.status = http.StatusOK
@@ -314,62 +317,3 @@ func (r *recorder) Write(b []byte) (int, error) {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-// The answers' shapes. stderr and files are there only when the script wrote to stderr or left files: a request
-// that did neither gets the answer it got before they existed, byte for byte.
-type successResponse struct {
-	Result          json.RawMessage      `json:"result"`
-	Stdout          string               `json:"stdout"`
-	StdoutTruncated bool                 `json:"stdout_truncated,omitempty"`
-	Stderr          string               `json:"stderr,omitempty"`
-	StderrTruncated bool                 `json:"stderr_truncated,omitempty"`
-	Files           []sandbox.OutputFile `json:"files,omitempty"`
-}
-
-type apiError struct {
-	Type      string `json:"type"`
-	Message   string `json:"message"`
-	Traceback string `json:"traceback,omitempty"`
-	Limit     string `json:"limit,omitempty"`
-}
-
-type errorResponse struct {
-	Error           apiError             `json:"error"`
-	Stdout          *string              `json:"stdout,omitempty"`
-	StdoutTruncated bool                 `json:"stdout_truncated,omitempty"`
-	Stderr          string               `json:"stderr,omitempty"`
-	StderrTruncated bool                 `json:"stderr_truncated,omitempty"`
-	Files           []sandbox.OutputFile `json:"files,omitempty"`
-}
-
-// writeError answers with the contract's error shape; stdout is included whenever the script started, stderr and
-// files whenever it left any.
-func writeError(w http.ResponseWriter, status int, e apiError, out *sandbox.Outcome) {
-	resp := errorResponse{Error: e}
-	if out != nil && out.Started {
-		resp.Stdout, resp.StdoutTruncated = &out.Stdout, out.StdoutTruncated
-		resp.Stderr, resp.StderrTruncated, resp.Files = out.Stderr, out.StderrTruncated, out.Files
-	}
-	writeJSON(w, status, resp)
-}
-
-func methodNotAllowed(w http.ResponseWriter, allow string) {
-	w.Header().Set("Allow", allow)
-	writeError(w, http.StatusMethodNotAllowed, apiError{Type: "MethodNotAllowed",
-		Message: "method not allowed; allowed: " + allow}, nil)
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		status = http.StatusInternalServerError
-		buf.Reset()
-		buf.WriteString(`{"error":{"type":"InternalError","message":"could not encode the response"}}` + "\n")
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	_, _ = w.Write(buf.Bytes())
-}

@@ -4,9 +4,10 @@
 // A plain cap (netutil.LimitListener) stops accepting at the cap: forty clients that each keep an idle
 // keep-alive connection, or that send half a request header and stop, make every new client, health checks
 // included, wait in the kernel's backlog until a timeout frees a place. Here a new connection at the cap instead
-// closes the oldest connection that is not serving a request (idle between requests, or still sending its
-// header), so a client with a real request gets in at once. Only when every connection is inside a handler is
-// the new one closed at once: a fast refusal rather than a hang.
+// closes the oldest connection that is not held: idle between requests, still sending its header or body, or being
+// answered (a client that does not read its answer waits on nobody but itself). A handler holds its connection
+// (Hold) only while the server itself is working for it, such as while its script waits for a slot or runs; only
+// when every connection is held is the new one closed at once: a fast refusal rather than a hang.
 package connlimit
 
 import (
@@ -30,7 +31,7 @@ type Limiter struct {
 
 type conn struct {
 	c    net.Conn
-	busy int // requests inside the handler
+	held int // holds of handlers working for the connection's requests: it is never closed to make room
 	elem *list.Element
 }
 
@@ -40,7 +41,7 @@ func New(max int) *Limiter {
 }
 
 // Counts reports how many connections are open, how many were closed to make room, and how many new ones were
-// refused because every connection was serving a request.
+// refused because every connection was held.
 func (l *Limiter) Counts() (open, evicted, refused int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -73,7 +74,7 @@ func (l *Limiter) admit(c net.Conn) bool {
 	var victim net.Conn
 	if len(l.conns) >= l.max {
 		for e := l.order.Front(); e != nil; e = e.Next() {
-			if v := e.Value.(*conn); v.busy == 0 {
+			if v := e.Value.(*conn); v.held == 0 {
 				victim = v.c
 				l.removeLocked(v)
 				l.evicted++
@@ -118,21 +119,42 @@ func (l *Limiter) ConnState(c net.Conn, state http.ConnState) {
 
 type ctxKey struct{}
 
-// ConnContext is the server's ConnContext hook: it lets Handler find the request's connection.
-func (l *Limiter) ConnContext(ctx context.Context, c net.Conn) context.Context {
-	return context.WithValue(ctx, ctxKey{}, c)
+type connRef struct {
+	l *Limiter
+	c net.Conn
 }
 
-// Handler marks a connection busy while h serves a request on it, so that it is never closed to make room.
+// ConnContext is the server's ConnContext hook: it lets Handler and Hold find the request's connection.
+func (l *Limiter) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, ctxKey{}, connRef{l, c})
+}
+
+// Handler counts every request as activity on its connection: a connection that just began a request is the
+// last to be closed to make room.
 func (l *Limiter) Handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		c, _ := r.Context().Value(ctxKey{}).(net.Conn)
-		l.mark(c, +1)
-		defer l.mark(c, -1)
+		if ref, ok := r.Context().Value(ctxKey{}).(connRef); ok {
+			l.mark(ref.c, 0)
+		}
 		h.ServeHTTP(w, r)
 	})
 }
 
+// Hold keeps the connection of the request whose context ctx is from being closed to make room, until release is
+// called: for while the server itself works for the request (its script waits for a slot or runs), not while it
+// waits on the client (reading its body, writing an answer the client may not read). Outside a Limiter's server it
+// does nothing.
+func Hold(ctx context.Context) (release func()) {
+	ref, ok := ctx.Value(ctxKey{}).(connRef)
+	if !ok {
+		return func() {}
+	}
+	ref.l.mark(ref.c, +1)
+	var once sync.Once
+	return func() { once.Do(func() { ref.l.mark(ref.c, -1) }) }
+}
+
+// mark changes a connection's holds by delta and makes it the most recently active.
 func (l *Limiter) mark(c net.Conn, delta int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -140,8 +162,8 @@ func (l *Limiter) mark(c net.Conn, delta int) {
 	if cc == nil {
 		return
 	}
-	cc.busy += delta
-	if cc.busy == 0 && cc.elem != nil { // just finished a request: the most recently active
+	cc.held += delta
+	if cc.elem != nil {
 		l.order.MoveToBack(cc.elem)
 	}
 }

@@ -14,6 +14,12 @@ import (
 // serve starts a server with a Limiter of max connections; its handler blocks on requests to /block until
 // unblock is closed.
 func serve(t *testing.T, max int) (addr string, l *Limiter, unblock chan struct{}) {
+	addr, l, unblock, _ = serveEntered(t, max)
+	return addr, l, unblock
+}
+
+// serveEntered is serve, and a channel that receives once each time a request enters the handler.
+func serveEntered(t *testing.T, max int) (addr string, l *Limiter, unblock, entered chan struct{}) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -21,9 +27,19 @@ func serve(t *testing.T, max int) (addr string, l *Limiter, unblock chan struct{
 	}
 	l = New(max)
 	unblock = make(chan struct{})
+	entered = make(chan struct{}, 100)
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/block" {
+		entered <- struct{}{}
+		switch r.URL.Path {
+		case "/read": // the client sends its body slowly
+			io.ReadAll(r.Body)
+		case "/block": // the server works for the request: its connection is held
+			release := Hold(r.Context())
 			<-unblock
+			release()
+		case "/big": // an answer larger than the socket buffers, for a client that does not read it
+			w.Write(make([]byte, 64<<20))
+			return
 		}
 		io.WriteString(w, "ok")
 	})
@@ -37,11 +53,12 @@ func serve(t *testing.T, max int) (addr string, l *Limiter, unblock chan struct{
 		}
 		srv.Close()
 	})
-	return ln.Addr().String(), l, unblock
+	return ln.Addr().String(), l, unblock, entered
 }
 
 // hold opens a connection and leaves it in the given state: "idle" after one request, "half" in the middle of a
-// request header, "busy" inside the handler.
+// request header, "body" in the middle of a request body, "writing" blocked in writing an answer it does not read,
+// "busy" inside the handler, held.
 func hold(t *testing.T, addr, state string) net.Conn {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
@@ -59,6 +76,10 @@ func hold(t *testing.T, addr, state string) net.Conn {
 		io.ReadAll(resp.Body)
 	case "half":
 		fmt.Fprint(c, "GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: slo")
+	case "body":
+		fmt.Fprint(c, "POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nsome")
+	case "writing":
+		fmt.Fprint(c, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
 	case "busy":
 		fmt.Fprint(c, "GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
 	}
@@ -89,14 +110,17 @@ func get(addr string) (string, error) {
 	return string(b), err
 }
 
-// At the cap, idle and half-sent connections make room for a new client, oldest first.
+// At the cap, idle, half-sent and unread connections make room for a new client, oldest first.
 func TestIdleAndSlowClientsMakeRoom(t *testing.T) {
-	for _, state := range []string{"idle", "half"} {
+	for _, state := range []string{"idle", "half", "body", "writing"} {
 		t.Run(state, func(t *testing.T) {
-			addr, l, _ := serve(t, 4)
+			addr, l, _, entered := serveEntered(t, 4)
 			var held []net.Conn
 			for i := 0; i < 4; i++ {
 				held = append(held, hold(t, addr, state))
+				if state == "body" || state == "writing" { // in the handler before the next one comes: oldest first
+					<-entered
+				}
 			}
 			waitOpen(t, l, 4)
 			if body, err := get(addr); err != nil || body != "ok" {
@@ -106,15 +130,17 @@ func TestIdleAndSlowClientsMakeRoom(t *testing.T) {
 				t.Fatalf("%d evicted, want 1", evicted)
 			}
 			// The oldest was the one closed.
+			// (An unread answer's first bytes are in the client's buffers: reading on reaches the close.)
 			held[0].SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := held[0].Read(make([]byte, 1)); err == nil || strings.Contains(err.Error(), "timeout") {
+			_, err := io.Copy(io.Discard, held[0])
+			if err != nil && strings.Contains(err.Error(), "timeout") {
 				t.Fatalf("the oldest connection is still open: %v", err)
 			}
 		})
 	}
 }
 
-// Connections serving requests are never closed to make room; a new one is refused at once instead of waiting.
+// Connections the server works for are never closed to make room; a new one is refused at once instead of waiting.
 func TestBusyConnectionsAreKept(t *testing.T) {
 	addr, l, unblock := serve(t, 2)
 	busy := []net.Conn{hold(t, addr, "busy"), hold(t, addr, "busy")}
@@ -123,7 +149,7 @@ func TestBusyConnectionsAreKept(t *testing.T) {
 		l.mu.Lock()
 		n := 0
 		for _, c := range l.conns {
-			n += c.busy
+			n += c.held
 		}
 		l.mu.Unlock()
 		if n == 2 {

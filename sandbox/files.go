@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 )
 
@@ -29,15 +30,25 @@ type OutputFile struct {
 	Content string `json:"content"`
 }
 
+// OmittedFile is a file a script left under /sandbox that the answer does not carry: it did not fit the caps.
+type OmittedFile struct {
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+}
+
 // The caps on what a request's files may be. Input files are bounded by the request's body cap.
 const (
-	// maxFilesFrame bounds the files frame: MaxOutputBytes in base64, and each file's path (a byte may be escaped
-	// to six in JSON), size and the JSON around them.
-	maxFilesFrame     = (MaxOutputBytes+2)/3*4 + MaxFiles*(6*maxPathBytes+128) + 1024
-	MaxFiles          = 64      // in a request, and in an answer
+	// maxFilesFrame bounds the files frame: MaxOutputBytes in base64, and each file's and omitted file's path (a
+	// byte may be escaped to six in JSON), size and the JSON around them.
+	maxFilesFrame     = (MaxOutputBytes+2)/3*4 + 2*MaxFiles*(6*maxPathBytes+128) + 1024
+	MaxFiles          = 64      // in a request, and in an answer (and omitted files named in an answer)
 	MaxOutputBytes    = 8 << 20 // all output files together
 	maxPathBytes      = 1024
 	maxComponentBytes = 255
+	// collectCPU bounds the harness's walk of /sandbox in CPU time of its own thread, which measures the tree and
+	// not the machine's load: a tree that takes longer to walk is cut and flagged. A walk of the 4,096 inodes
+	// /sandbox holds takes some tens of milliseconds.
+	collectCPU = 0.5 // seconds
 )
 
 // CheckPath says why p is not a file path the contract allows under /sandbox, or returns nil: relative, made of
@@ -129,35 +140,66 @@ func EncodeJob(script []byte, files []File) []byte {
 	return b
 }
 
+// filesFrame is the files frame's payload as the harness writes it (collect_outputs).
+type filesFrame struct {
+	Files     []OutputFile  `json:"files"`
+	Omitted   []OmittedFile `json:"omitted"`
+	Truncated bool          `json:"truncated"`
+}
+
 // readFilesFrame validates the files frame's payload as the contract requires the answer's files to be: at most
-// MaxFiles and MaxOutputBytes in all, each path allowed and not hidden, sorted and unique, each content the
-// base64 of exactly size bytes.
-func readFilesFrame(payload []byte) ([]OutputFile, error) {
-	var files []OutputFile
-	if err := json.Unmarshal(payload, &files); err != nil {
-		return nil, fmt.Errorf("the files frame is not JSON: %w", err)
+// MaxFiles files and MaxOutputBytes in all, each path allowed and not hidden, sorted and unique, each content the
+// base64 of exactly size bytes; at most MaxFiles omitted files, named the same way and sorted, none also returned,
+// and flagged as truncated.
+func readFilesFrame(payload []byte) (filesFrame, error) {
+	var f filesFrame
+	if err := json.Unmarshal(payload, &f); err != nil {
+		return f, fmt.Errorf("the files frame is not JSON: %w", err)
 	}
-	if len(files) > MaxFiles {
-		return nil, fmt.Errorf("%d files, more than %d", len(files), MaxFiles)
+	if len(f.Files) > MaxFiles || len(f.Omitted) > MaxFiles {
+		return f, fmt.Errorf("%d files and %d omitted, more than %d", len(f.Files), len(f.Omitted), MaxFiles)
 	}
+	if len(f.Omitted) > 0 && !f.Truncated {
+		return f, fmt.Errorf("files omitted without the truncated flag")
+	}
+	checkPaths := func(paths []string) error {
+		for i, p := range paths {
+			if err := CheckPath(p); err != nil {
+				return fmt.Errorf("file %q: %w", p, err)
+			}
+			if hidden(p) {
+				return fmt.Errorf("file %q is hidden", p)
+			}
+			if i > 0 && paths[i-1] >= p {
+				return fmt.Errorf("files are not sorted and unique at %q", p)
+			}
+		}
+		return nil
+	}
+	returned := make([]string, len(f.Files))
 	var total int64
-	for i, f := range files {
-		if err := CheckPath(f.Path); err != nil {
-			return nil, fmt.Errorf("file %q: %w", f.Path, err)
+	for i, file := range f.Files {
+		returned[i] = file.Path
+		data, err := base64.StdEncoding.DecodeString(file.Content)
+		if err != nil || int64(len(data)) != file.Size {
+			return f, fmt.Errorf("file %q: its content is not the base64 of %d bytes", file.Path, file.Size)
 		}
-		if hidden(f.Path) {
-			return nil, fmt.Errorf("file %q is hidden", f.Path)
-		}
-		if i > 0 && files[i-1].Path >= f.Path {
-			return nil, fmt.Errorf("files are not sorted and unique at %q", f.Path)
-		}
-		data, err := base64.StdEncoding.DecodeString(f.Content)
-		if err != nil || int64(len(data)) != f.Size {
-			return nil, fmt.Errorf("file %q: its content is not the base64 of %d bytes", f.Path, f.Size)
-		}
-		if total += f.Size; total > MaxOutputBytes {
-			return nil, fmt.Errorf("the files hold more than %d bytes", MaxOutputBytes)
+		if total += file.Size; total > MaxOutputBytes {
+			return f, fmt.Errorf("the files hold more than %d bytes", MaxOutputBytes)
 		}
 	}
-	return files, nil
+	omitted := make([]string, len(f.Omitted))
+	for i, o := range f.Omitted {
+		omitted[i] = o.Path
+		if o.Size < 0 {
+			return f, fmt.Errorf("omitted file %q has a negative size", o.Path)
+		}
+		if slices.Contains(returned, o.Path) {
+			return f, fmt.Errorf("file %q is both returned and omitted", o.Path)
+		}
+	}
+	if err := checkPaths(returned); err != nil {
+		return f, err
+	}
+	return f, checkPaths(omitted)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -113,31 +114,99 @@ def main():
 	})
 }
 
-// At most 64 files and 8 MiB: more is a ResourceLimitError with limit files.
-func TestFilesCaps(t *testing.T) {
+// omittedText lists omitted files as "path:size" for comparison.
+func omittedText(files []OmittedFile) string {
+	var p []string
+	for _, f := range files {
+		p = append(p, fmt.Sprintf("%s:%d", f.Path, f.Size))
+	}
+	return strings.Join(p, " ")
+}
+
+// numbered is "prefix00 prefix01 ..." from lo to hi-1, as the scripts below name their files.
+func numbered(prefix string, width, lo, hi int) string {
+	var p []string
+	for i := lo; i < hi; i++ {
+		p = append(p, fmt.Sprintf("%s%0*d", prefix, width, i))
+	}
+	return strings.Join(p, " ")
+}
+
+// At most 64 files and 8 MiB come back, the smallest (ties by path), none cut short; what does not fit is left
+// out and named with its size, never an error: a script may use /sandbox as scratch space, and its answer stands.
+func TestFilesThatDoNotFitAreLeftOut(t *testing.T) {
+	var seventy, twoHundred []string
+	for i := 64; i < 70; i++ {
+		seventy = append(seventy, fmt.Sprintf("f%02d:1", i))
+	}
+	for i := 64; i < 128; i++ {
+		twoHundred = append(twoHundred, fmt.Sprintf("f%03d:1", i))
+	}
 	onBothPaths(t, func(t *testing.T) {
 		for _, tt := range []struct {
 			name, script string
-			fits         bool
+			result, kept string
+			omitted      string
+			truncated    bool
 		}{
-			{"64 files", "def main():\n    for i in range(64):\n        open('f%02d' % i, 'w').write('x')\n", true},
-			{"65 files", "def main():\n    for i in range(65):\n        open('f%02d' % i, 'w').write('x')\n", false},
-			{"8 MiB", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * (4 << 20))\n", true},
-			{"8 MiB and a byte", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * ((4 << 20) + 1))\n", false},
+			{"64 files", "def main():\n    for i in range(64):\n        open('f%02d' % i, 'w').write('x')\n    return 1\n",
+				"1", numbered("f", 2, 0, 64), "", false},
+			{"70 small files", "def main():\n    for i in range(70):\n        open('f%02d' % i, 'w').write('x')\n    return 1\n",
+				"1", numbered("f", 2, 0, 64), strings.Join(seventy, " "), true},
+			{"200 small files: 64 named", "def main():\n    for i in range(200):\n        open('f%03d' % i, 'w').write('x')\n    return 1\n",
+				"1", numbered("f", 3, 0, 64), strings.Join(twoHundred, " "), true},
+			{"8 MiB", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * (4 << 20))\n    return 1\n",
+				"1", "a b", "", false},
+			{"8 MiB and a byte", "def main():\n    open('a', 'wb').write(b'x' * (4 << 20)); open('b', 'wb').write(b'y' * ((4 << 20) + 1))\n    return 1\n",
+				"1", "a", "b:4194305", true},
+			{"a 9 MiB scratch file", "def main():\n    open('scratch.csv', 'wb').write(b'1,2\\n' * (9 << 18))\n    open('summary.txt', 'w').write('ok')\n    return 'done'\n",
+				`"done"`, "summary.txt", "scratch.csv:9437184", true},
+			{"the smallest are kept", "def main():\n    for name, size in (('big', 5 << 20), ('mid', 3 << 20), ('small', 1 << 20), ('tiny', 10)):\n        open(name, 'wb').write(b'z' * size)\n    return 1\n",
+				"1", "mid small tiny", "big:5242880", true},
+			{"ties by path", "def main():\n    for name in ('c', 'a', 'b'):\n        open(name, 'wb').write(b'z' * (3 << 20))\n    return 1\n",
+				"1", "a b", "c:3145728", true},
+			// The file-size limit (10 MiB) refuses a 1 GiB sparse file; the largest sparse file it allows is left out
+			// by its size alone: its content is never read.
+			{"a sparse file", "import os\ndef main():\n    f = open('sparse', 'w')\n    try:\n        os.truncate(f.fileno(), 1 << 30)\n        got = '1 GiB'\n    except OSError as e:\n        os.truncate(f.fileno(), 10 << 20)\n        got = e.errno\n    open('small', 'w').write('s')\n    return got\n",
+				"27", "small", "sparse:10485760", true},
+			// snekbox's case: deeper than an answer's paths may go. The walk cuts the subtree and says so.
+			{"a deep tree", "import os\ndef main():\n    x = ''\n    for _ in range(1000):\n        x += 'a/'\n        os.mkdir(x)\n    open(x + 'test.txt', 'w').write('test')\n    open('top.txt', 'w').write('top')\n    return 1\n",
+				"1", "top.txt", "", true},
 		} {
 			t.Run(tt.name, func(t *testing.T) {
 				out, err := runFiles(t, tt.script)
-				var se *ScriptError
-				if tt.fits {
-					if err != nil {
-						t.Fatal(err)
-					}
-					return
+				if err != nil {
+					t.Fatalf("%v\nstderr: %s", err, out.Stderr)
 				}
-				if !errors.As(err, &se) || se.Kind != ResourceLimitError || se.Limit != LimitFiles || len(out.Files) != 0 {
-					t.Fatalf("got %v with %d files", err, len(out.Files))
+				if string(out.Result) != tt.result || paths(out.Files) != tt.kept || omittedText(out.FilesOmitted) != tt.omitted ||
+					out.FilesTruncated != tt.truncated {
+					t.Fatalf("result %s, files %q, omitted %q, truncated %v", out.Result, paths(out.Files),
+						omittedText(out.FilesOmitted), out.FilesTruncated)
+				}
+				for _, f := range out.Files {
+					decoded(t, f) // every file whole: its content is exactly its size
 				}
 			})
+		}
+	})
+}
+
+// The walk of /sandbox is bounded in CPU time: a tree that takes longer is cut and flagged, not walked to its end.
+// The harness's own collection runs here in a jail, with no time at all to walk.
+func TestFilesWalkIsBounded(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import importlib.util
+def main():
+    spec = importlib.util.spec_from_file_location("h", "/safepy/harness.py")
+    h = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(h)
+    open("a", "w").write("a")
+    files, omitted, truncated = h.collect_outputs({}, 64, 8 << 20, 1024, 0)
+    full = h.collect_outputs({}, 64, 8 << 20, 1024, 10)
+    return [len(files), truncated, len(full[0]), full[2]]
+`)
+		if got != "[0, true, 1, false]" {
+			t.Fatalf("got %s", got)
 		}
 	})
 }
@@ -170,16 +239,30 @@ def main():
 
 // A forged files frame only spoils the forger's own answer.
 func TestForgedFilesFrame(t *testing.T) {
+	many := make([]map[string]any, 65)
+	for i := range many {
+		many[i] = map[string]any{"path": fmt.Sprintf("f%02d", i), "size": 1}
+	}
+	manyJS, _ := json.Marshal(many)
 	onBothPaths(t, func(t *testing.T) {
-		_, err := runFiles(t, `import os, json
+		for _, payload := range []string{
+			`{"files": [{"path": "../../etc/passwd", "size": 1, "content": "eA=="}]}`,
+			`{"files": [], "omitted": [{"path": "x", "size": 1}], "truncated": false}`,
+			`{"files": [{"path": "x", "size": 1, "content": "eA=="}], "omitted": [{"path": "x", "size": 1}], "truncated": true}`,
+			`{"files": [], "omitted": [{"path": "/etc/shadow", "size": 1}], "truncated": true}`,
+			`{"files": [], "omitted": ` + string(manyJS) + `, "truncated": true}`,
+			`[{"path": "x", "size": 1, "content": "eA=="}]`,
+		} {
+			_, err := runFiles(t, fmt.Sprintf(`import os
 def main():
-    payload = json.dumps([{"path": "../../etc/passwd", "size": 1, "content": "eA=="}]).encode()
+    payload = %q.encode()
     os.write(4, b"F" + len(payload).to_bytes(8, "big") + payload)
     return 1
-`)
-		var se *ScriptError
-		if !errors.As(err, &se) || se.Kind != ExecutionError || !strings.Contains(se.Message, "result channel") {
-			t.Fatalf("got %v", err)
+`, payload))
+			var se *ScriptError
+			if !errors.As(err, &se) || se.Kind != ExecutionError || !strings.Contains(se.Message, "result channel") {
+				t.Fatalf("%s: got %v", payload, err)
+			}
 		}
 	})
 }
@@ -259,14 +342,13 @@ def main():
 	})
 }
 
-// A tree deeper than an answer's paths may go is the files limit, not a crash or a silent cut; and a directory
+// A tree deeper than an answer's paths may go is cut and flagged, not a crash or an error; and a directory
 // swapped for a symlink while the harness collects never leads it out of /sandbox.
 func TestFilesDeepAndSwapped(t *testing.T) {
 	onBothPaths(t, func(t *testing.T) {
-		_, err := runFiles(t, "import os\ndef main():\n    os.makedirs('/'.join(['d'] * 600))\n    open('/'.join(['d'] * 600) + '/f', 'w').write('x')\n    return 1\n")
-		var se *ScriptError
-		if !errors.As(err, &se) || se.Limit != LimitFiles {
-			t.Fatalf("a tree 600 deep: %v", err)
+		out, err := runFiles(t, "import os\ndef main():\n    os.makedirs('/'.join(['d'] * 600))\n    open('/'.join(['d'] * 600) + '/f', 'w').write('x')\n    return 1\n")
+		if err != nil || len(out.Files) != 0 || !out.FilesTruncated {
+			t.Fatalf("a tree 600 deep: %v, %d files, truncated %v", err, len(out.Files), out.FilesTruncated)
 		}
 		for i := 0; i < 5; i++ {
 			out, err := runFiles(t, `import os, subprocess, time

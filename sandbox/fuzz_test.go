@@ -24,9 +24,10 @@ func FuzzResultChannel(f *testing.F) {
 		frameOf('E', `{"kind":"exception","errno":27}`), frameOf('E', `{"kind":"missing_main"}`), frameOf('R', ""),
 		frameOf('R', "garbage"), frameOf('X', "1"), frameOf('R', "[[[[[[[["), frameOf('R', "\"\xff\""),
 		append(frameOf('R', "null"), frameOf('R', "1")...), frameOf('R', "1")[:5], []byte("S"), []byte(""), []byte("X"),
-		append(frameOf('F', `[{"path":"a.txt","size":2,"content":"aGk="}]`), frameOf('R', "1")[1:]...),
-		append(frameOf('F', `[{"path":"../x","size":0,"content":""}]`), frameOf('R', "1")[1:]...),
-		append(frameOf('F', `[{"path":".h","size":0,"content":""}]`), frameOf('E', `{"kind":"files_limit"}`)[1:]...)} {
+		append(frameOf('F', `{"files":[{"path":"a.txt","size":2,"content":"aGk="}]}`), frameOf('R', "1")[1:]...),
+		append(frameOf('F', `{"files":[{"path":"../x","size":0,"content":""}]}`), frameOf('R', "1")[1:]...),
+		append(frameOf('F', `{"files":[],"omitted":[{"path":"b","size":9437184}],"truncated":true}`), frameOf('R', "1")[1:]...),
+		append(frameOf('F', `{"files":[{"path":".h","size":0,"content":""}]}`), frameOf('E', `{"kind":"exception"}`)[1:]...)} {
 		f.Add(seed, 0, uint8(0))
 		f.Add(seed, 137, uint8(0b0100))
 	}
@@ -42,14 +43,19 @@ func FuzzResultChannel(f *testing.F) {
 		}
 		result, files, err := classify(o, limits, maxResult)
 		var total int64
-		for _, f := range files {
+		for _, f := range files.Files {
 			if CheckPath(f.Path) != nil || hidden(f.Path) || f.Size < 0 {
 				t.Fatalf("file %+v from %q", f, data)
 			}
 			total += f.Size
 		}
-		if len(files) > MaxFiles || total > MaxOutputBytes {
-			t.Fatalf("%d files of %d bytes from %q", len(files), total, data)
+		for _, f := range files.Omitted {
+			if CheckPath(f.Path) != nil || hidden(f.Path) || f.Size < 0 || !files.Truncated {
+				t.Fatalf("omitted file %+v from %q", f, data)
+			}
+		}
+		if len(files.Files) > MaxFiles || len(files.Omitted) > MaxFiles || total > MaxOutputBytes {
+			t.Fatalf("%d files of %d bytes, %d omitted, from %q", len(files.Files), total, len(files.Omitted), data)
 		}
 		var se *ScriptError
 		switch {

@@ -8,8 +8,9 @@
 #      (sandbox/files.go, EncodeJob). The files are written under /sandbox before the script runs.
 #   4  the result channel: one byte b"S" once the interpreter is up, then at most one files frame and exactly one
 #      result frame, each a kind byte, the payload's length (8 bytes, big-endian) and the payload:
-#        b"F": a JSON list of {"path", "size", "content" (base64)}, the files under /sandbox when main() returned
-#              or raised (sandbox/files.go checks it again);
+#        b"F": a JSON object {"files": [{"path", "size", "content" (base64)}], "omitted": [{"path", "size"}],
+#              "truncated": bool}: the files under /sandbox when main() returned or raised that the answer carries,
+#              and those it leaves out (collect_outputs; sandbox/files.go checks it again);
 #        b"R": the JSON text of main()'s return value, or
 #        b"E": a JSON object {"kind", "type", "message", "traceback", "errno"}.
 #      The length lets the server answer as soon as the frame is in, without waiting for the jail to wind down:
@@ -166,8 +167,8 @@ def read_job():
 
 
 def write_inputs(files):
-    """Write the request's files under /sandbox (the server checked their paths), and return what each held, so
-    that one the script leaves unchanged is not sent back."""
+    """Write the request's files under /sandbox (the server checked their paths), and return what each held (its
+    size and hash), so that one the script leaves unchanged is not sent back."""
     import hashlib
 
     written = {}
@@ -179,89 +180,138 @@ def write_inputs(files):
             write_all(fd, data)
         finally:
             os.close(fd)
-        written[path] = hashlib.sha256(data).digest()
+        written[path] = (len(data), hashlib.sha256(data).digest())
     return written
 
 
-class TooManyFiles(Exception):
-    pass
+def collect_outputs(inputs, max_files, max_bytes, max_path, max_cpu):
+    """What the answer carries of /sandbox: the regular files under it, less the hidden ones (a component starting
+    with a dot) and the inputs left unchanged. Of those, the smallest that fit max_files and max_bytes are returned
+    (ties by path), the rest named with their sizes; a script may use its working directory as scratch space, and a
+    file that does not fit is left out, never an error, and never returned cut short. Returns (files, omitted,
+    truncated): files sorted by path with their content in base64, omitted sorted by path (at most max_files), and
+    whether anything was left out or not looked at.
 
-
-def collect_outputs(inputs, max_files, max_bytes):
-    """The regular files under /sandbox, sorted by path, less the hidden ones (a component starting with a dot)
-    and the inputs left unchanged. The walk holds each directory open and opens what is in it relative to it,
-    never following a symlink (O_NOFOLLOW on every component), and never opens a FIFO, socket or device for
-    reading (O_NONBLOCK, then fstat): what a script swaps in while it runs cannot lead it out of /sandbox or
-    make it wait."""
+    The walk holds each directory open and opens what is in it relative to it, never following a symlink
+    (O_NOFOLLOW on every component), and never opens a FIFO, socket or device for reading (O_NONBLOCK, then fstat):
+    what a script swaps in while it runs cannot lead it out of /sandbox or make it wait. Only the files returned are
+    read (a sparse file of any size costs a stat). A subtree deeper than an answer's path may be, or deeper than the
+    descriptors the walk may hold, is cut; so is the rest of a walk that took more than max_cpu seconds of this
+    thread's CPU (a measure of the tree, not of the machine's load); what was cut is flagged as truncated."""
     import base64
     import errno
     import hashlib
     import stat
+    import time
 
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    found = []  # (path, data)
-    total = 0
+    dir_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+    budget = time.thread_time() + max_cpu
+    found = []  # (size, path, inode)
+    cut = False
+
+    def read_all(fd, limit):
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            size += len(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def walk(dir_fd, rel):
-        nonlocal total
+        nonlocal cut
         try:
             names = sorted(os.listdir(dir_fd))
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):  # deeper than the descriptors the walk may hold
-                raise TooManyFiles()
+        except OSError:
+            cut = True  # a directory it cannot list: what is in it is not looked at
             return
         for name in names:
+            if time.thread_time() > budget:
+                cut = True
+                return
             if name.startswith("."):
                 continue
             path = rel + name
             try:
-                path.encode("utf-8")
+                encoded = path.encode("utf-8")
             except UnicodeEncodeError:
                 continue  # a name that is not UTF-8 cannot be named in the answer
-            if len(path.encode("utf-8")) > 1024:
-                raise TooManyFiles()  # deeper or longer than an answer's path may be
+            if len(encoded) > max_path:
+                cut = True  # deeper or longer than an answer's path may be
+                continue
             try:
                 fd = os.open(name, flags, dir_fd=dir_fd)
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    raise TooManyFiles()
+                if e.errno in (errno.EMFILE, errno.ENFILE):  # deeper than the descriptors the walk may hold
+                    cut = True
                 continue  # a symlink (ELOOP), or gone
             try:
                 st = os.fstat(fd)
                 if stat.S_ISDIR(st.st_mode):
                     walk(fd, path + "/")
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                chunks, size = [], 0
-                while True:
-                    chunk = os.read(fd, 1 << 20)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if total + size > max_bytes:
-                        raise TooManyFiles()
-                    chunks.append(chunk)
+                elif stat.S_ISREG(st.st_mode):
+                    given = inputs.get(path)
+                    if given is not None and given[0] == st.st_size and given[1] == hashlib.sha256(
+                            read_all(fd, st.st_size)).digest():
+                        continue  # an input left as it came
+                    found.append((st.st_size, path, st.st_ino))
             finally:
                 os.close(fd)
-            data = b"".join(chunks)
-            if inputs.get(path) == hashlib.sha256(data).digest():
-                continue
-            total += len(data)
-            found.append((path, data))
-            if len(found) > max_files:
-                raise TooManyFiles()
+
+    def reopen(path):
+        """The file at path, opened component by component as the walk did, or None if it is no longer there."""
+        parts = path.split("/")
+        fds = []
+        try:
+            at = os.open("/sandbox", dir_flags)
+            fds.append(at)
+            for part in parts[:-1]:
+                at = os.open(part, dir_flags, dir_fd=at)
+                fds.append(at)
+            return os.open(parts[-1], flags, dir_fd=at)
+        except OSError:
+            return None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     try:
-        root = os.open("/sandbox", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root = os.open("/sandbox", dir_flags)
     except OSError:
-        return []
+        return [], [], False
     try:
         walk(root, "")
     finally:
         os.close(root)
+
+    # The smallest first, ties by path: the most files that fit.
     found.sort()
-    return [{"path": p, "size": len(d), "content": base64.b64encode(d).decode("ascii")} for p, d in found]
+    kept, omitted, total = [], [], 0
+    for size, path, ino in found:
+        if len(kept) < max_files and total + size <= max_bytes:
+            kept.append((path, size, ino))
+            total += size
+        else:
+            omitted.append((path, size))
+    files = []
+    for path, size, ino in sorted(kept):
+        fd = reopen(path)
+        data = None
+        if fd is not None:
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_ino == ino:
+                    data = read_all(fd, size)
+            finally:
+                os.close(fd)
+        if data is None or len(data) != size:  # changed under the walk: left out rather than sent otherwise
+            omitted.append((path, size))
+            continue
+        files.append({"path": path, "size": size, "content": base64.b64encode(data).decode("ascii")})
+    omitted.sort()
+    return files, [{"path": p, "size": n} for p, n in omitted[:max_files]], cut or bool(omitted)
 
 
 def exercise(source):
@@ -278,7 +328,7 @@ def exercise(source):
     exec(compile(text, filename, "exec", dont_inherit=True), module.__dict__)
     json.dumps(module.main(), allow_nan=False, ensure_ascii=False).encode("utf-8")
     linecache.cache.pop(filename, None)
-    collect_outputs({}, 1, 1)  # the collection's own code, on an empty /sandbox
+    collect_outputs({}, 1, 1, 1, 1)  # the collection's own code, on an empty /sandbox
 
 
 def run(config):
@@ -357,16 +407,15 @@ def run(config):
         except Exception:
             pass
         try:
-            outputs = collect_outputs(inputs, config["max_files"], config["max_file_bytes"])
-        except TooManyFiles:
-            # Over the caps: a script that returned gets the files limit as its error; one that failed keeps its
-            # own error (filling /sandbox, say), without files.
-            outputs = []
-            if kind == b"R":
-                kind, payload = b"E", json.dumps({"kind": "files_limit"}).encode()
+            files, omitted, truncated = collect_outputs(inputs, config["max_files"], config["max_file_bytes"],
+                                                        config["max_path_bytes"], config["collect_cpu"])
+        except Exception:  # a walk that failed part way: its answer stands, without files, and says so
+            files, omitted, truncated = [], [], True
         # stdout is flushed above, before the frames: the server takes what the pipe holds when the frame is in.
-        files = frame(b"F", json.dumps(outputs).encode()) if outputs else b""
-        write_all(RESULT_FD, files + frame(kind, payload))
+        outputs = b""
+        if files or truncated:
+            outputs = frame(b"F", json.dumps({"files": files, "omitted": omitted, "truncated": truncated}).encode())
+        write_all(RESULT_FD, outputs + frame(kind, payload))
         # The answer is out: the Go side takes the jail down once it has sent it. Exiting now would have the
         # kernel take this big address space down while the server answers.
         import signal

@@ -289,7 +289,8 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
 	out.PeakMemory = peak
 	result, files, err := classify(obs, j.r.limits, j.r.cfg.MaxResultBytes)
-	out.Result, out.Files = result, files
+	out.Result = result
+	out.Files, out.FilesOmitted, out.FilesTruncated = files.Files, files.Omitted, files.Truncated
 	j.r.cleanups.Add(1)
 	go func() {
 		defer j.r.cleanups.Done()
@@ -345,7 +346,8 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 	if errors.Is(err, ErrSandbox) {
 		err = fmt.Errorf("%w; nsjail said: %s; stderr: %s%s", err, firstLines(logBytes, 3), firstLines(errBytes, 3), hint(logBytes))
 	}
-	out.Result, out.Files = result, files
+	out.Result = result
+	out.Files, out.FilesOmitted, out.FilesTruncated = files.Files, files.Omitted, files.Truncated
 	return out, err
 }
 

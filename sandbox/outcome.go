@@ -31,7 +31,6 @@ const (
 	LimitProcesses Limit = "processes"
 	LimitResult    Limit = "result_size"
 	LimitDisk      Limit = "disk"
-	LimitFiles     Limit = "files" // the output files' count or size
 )
 
 // ScriptError is a script's failure: something the script did, never a fault of the sandbox.
@@ -55,12 +54,14 @@ type Outcome struct {
 	StdoutTruncated bool
 	Stderr          string // what the script wrote to descriptor 2, like Stdout
 	StderrTruncated bool
-	Files           []OutputFile // the files the script left under /sandbox, when main() returned or raised
-	Started         bool         // the interpreter came up and the script was handed over
-	Warm            bool         // the jail came from the pool of warm jails
-	BaseMemory      int64        // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
-	PeakMemory      int64        // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
-	Forked          bool         // the jail was forked from a fork server
+	Files           []OutputFile  // the files the script left under /sandbox, when main() returned or raised
+	FilesOmitted    []OmittedFile // those that did not fit the caps (at most MaxFiles of them named)
+	FilesTruncated  bool          // files were left out, or a tree was cut
+	Started         bool          // the interpreter came up and the script was handed over
+	Warm            bool          // the jail came from the pool of warm jails
+	BaseMemory      int64         // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
+	PeakMemory      int64         // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
+	Forked          bool          // the jail was forked from a fork server
 	Timing          Timing
 }
 
@@ -97,16 +98,16 @@ type errorFrame struct {
 
 // classify decides the outcome from what was observed, and the files that go with it. Nothing the script printed
 // takes part; the result channel is the harness's, and what the script can forge there only harms its own answer.
-func classify(o observation, l Limits, maxResult int) (json.RawMessage, []OutputFile, error) {
+func classify(o observation, l Limits, maxResult int) (json.RawMessage, filesFrame, error) {
 	result, err := classifyResult(o, l, maxResult)
 	// Files go with an answer the harness finished (its result frame came whole, in time); a jail that ran out of
 	// time or ended otherwise has none to give, whatever it sent before.
 	if !o.started || o.stalled || o.timedOut || len(o.frame) == 0 || errors.Is(err, ErrSandbox) || o.files == nil {
-		return result, nil, err
+		return result, filesFrame{}, err
 	}
 	files, ferr := readFilesFrame(o.files)
 	if ferr != nil {
-		return nil, nil, &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
+		return nil, filesFrame{}, &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}
 	}
 	return result, files, err
 }
@@ -200,9 +201,6 @@ func frameError(f errorFrame, o observation, l Limits, memory, processes *Script
 	case "missing_main":
 		e.Message = "main() is missing or not callable"
 		return e
-	case "files_limit":
-		return &ScriptError{Kind: ResourceLimitError, Limit: LimitFiles,
-			Message: fmt.Sprintf("the script left more than %d files or %d MiB in /sandbox", MaxFiles, MaxOutputBytes>>20)}
 	case "syntax", "exception":
 	default:
 		return &ScriptError{Kind: ExecutionError, Message: "the script wrote over the result channel"}

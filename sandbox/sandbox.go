@@ -267,6 +267,12 @@ func (r *Runner) Info() Info {
 // Limits returns the jail's limits as read from nsjail.cfg.
 func (r *Runner) Limits() Limits { return r.limits }
 
+// MaxOutcomeBytes is the most an Outcome's text and files can hold: stdout and stderr at their caps (twice, for
+// invalid bytes each replaced by a three-byte U+FFFD), the result at its cap and the files frame at its.
+func (r *Runner) MaxOutcomeBytes() int64 {
+	return int64(2*r.cfg.MaxStdoutBytes + 2*r.cfg.MaxStderrBytes + r.cfg.MaxResultBytes + maxFilesFrame)
+}
+
 // takeWarm takes a warm jail for a script whose preloadIndex is want: from the smallest pool that has every
 // preloaded module the script names anywhere in its source. The choice is a hint for speed only: every pool's jail is the same jail, and a
 // script that imports pandas in a plain jail simply imports it itself. Without fork servers, an empty pool's
@@ -326,11 +332,13 @@ type harnessConfig struct {
 	Preload      []string          `json:"preload"`        // modules to import before the script arrives
 	MaxFiles     int               `json:"max_files"`      // the output files' caps (files.go)
 	MaxFileBytes int               `json:"max_file_bytes"` //
+	MaxPathBytes int               `json:"max_path_bytes"` // the longest path an answer names
+	CollectCPU   float64           `json:"collect_cpu"`    // the walk of /sandbox's bound, seconds of CPU
 }
 
 func (r *Runner) harnessConfig(preload []string) harnessConfig {
 	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: preload,
-		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes}
+		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes, MaxPathBytes: maxPathBytes, CollectCPU: collectCPU}
 }
 
 // jailArgs is nsjail's command line for a jail whose processes are uid outside, preloading preload.
