@@ -39,6 +39,10 @@ type Config struct {
 	// server), the least time before a request tries again.
 	PrepareRetry time.Duration
 
+	// HeapLimit is the Go runtime's soft memory limit for the server (runtime/debug.SetMemoryLimit), set by
+	// Configure: the server's share of memory less what is not its heap. 0 when GOMEMLIMIT sets one itself.
+	HeapLimit int64
+
 	Sandbox sandbox.Config
 }
 
@@ -122,6 +126,9 @@ func ConfigFromEnv() (Config, error) {
 		},
 	}
 	cfg.CloudRunService = os.Getenv("K_SERVICE")
+	if os.Getenv("GOMEMLIMIT") == "" {
+		cfg.HeapLimit = heapLimit
+	}
 	cfg.Port, cfg.FunctionTarget = str("PORT", "8080"), str("FUNCTION_TARGET", FunctionName)
 	cfg.PrepareRetry = duration("SAFEPY_PREPARE_RETRY", 10*time.Second)
 	cfg.ShutdownGrace = 8 * time.Second // 0 is a setting here: no grace, running executions are killed at once
@@ -147,6 +154,12 @@ const startupAllowance = time.Second
 
 // serverShare is the memory kept for the server itself, outside every jail.
 const serverShare = 256 << 20
+
+// heapLimit keeps the server's heap within its share: what the service holds for its clients is bounded (the
+// budget for bodies and answers, and the running jails' output), and the garbage collector, which by default lets
+// the heap grow to twice what is live, collects sooner rather than take more. The rest of the share is for what is
+// not heap: goroutine stacks, the binary, the runtime's own.
+const heapLimit = serverShare * 3 / 4
 
 // The memory set aside besides each running jail's limit, from what jails were measured to hold (TestBaseMemory,
 // and the bench's cgroup peaks):

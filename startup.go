@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"cloud.google.com/go/compute/metadata"
@@ -28,6 +29,9 @@ const metadataWait = 2 * time.Second
 // logger is returned even when the configuration is invalid, so that the caller can log why.
 func Configure(ctx context.Context, out io.Writer) (Config, *slog.Logger, error) {
 	cfg, err := ConfigFromEnv()
+	if cfg.HeapLimit > 0 {
+		debug.SetMemoryLimit(cfg.HeapLimit)
+	}
 	findProject(ctx, &cfg)
 	log := slog.New(cloudlog.NewHandler(out, cloudlog.Options{ProjectID: cfg.ProjectID,
 		Labels: map[string]string{"service": "safe-py"}}))

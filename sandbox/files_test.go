@@ -395,3 +395,29 @@ def main():
 		}
 	})
 }
+
+// The files frame's contents are checked a piece at a time, with the verdict and size of a whole decode.
+func TestBase64Size(t *testing.T) {
+	for _, n := range []int{0, 1, 2, 3, 4, 49151, 49152, 49153, 100000, 1 << 20} {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte(i * 7)
+		}
+		s := base64.StdEncoding.EncodeToString(b)
+		if got, ok := base64Size(s); !ok || got != int64(n) {
+			t.Errorf("%d bytes: %d, %v", n, got, ok)
+		}
+		if n > 70000 { // padding in the middle, at and off a piece's end
+			for _, at := range []int{65536 - 2, 70000} {
+				if _, ok := base64Size(s[:at] + "==" + s[at+2:]); ok {
+					t.Errorf("%d bytes with padding at %d: accepted", n, at)
+				}
+			}
+		}
+	}
+	for _, s := range []string{"a", "a===", "YR==x", "====", "!!!!", "YQ=\n"} {
+		if _, ok := base64Size(s); ok {
+			t.Errorf("%q accepted", s)
+		}
+	}
+}
