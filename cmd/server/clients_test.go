@@ -14,8 +14,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/safe-py/safepy/internal/testserver"
 )
 
 // What a client that sends slowly, or never reads its answer, may cost the server. Each test attacks a real server
@@ -120,7 +118,7 @@ func TestClientsThatNeverReadCostABoundedAmount(t *testing.T) {
 		t.Errorf("%d cut off and %d refused of %d clients that never read", cut, refused, clients)
 	}
 	mustPost(t, s.URL, "def main():\n    return 1\n") // and it serves on
-	mustPost(t, s.URL, bigAnswer)                      // a big answer too: the budget is whole again
+	mustPost(t, s.URL, bigAnswer)                     // a big answer too: the budget is whole again
 }
 
 // Connections that announce a large body and send it a byte a second neither hold the body budget nor lock anyone
@@ -191,5 +189,3 @@ func TestUnreadAnswersMakeRoom(t *testing.T) {
 	}
 	mustPost(t, s.URL, "def main():\n    return 'room'\n")
 }
-
-var _ = testserver.Root
