@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -357,5 +358,84 @@ func TestImportsChooseTheJail(t *testing.T) {
 	out, err := runWith(t, r, "# pandas, numpy and matplotlib: none of them\ndef main():\n    a = bytearray(230 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n")
 	if err != nil || !out.Forked {
 		t.Fatalf("230 MiB with a comment that names packages, forked=%v: %v", out.Forked, err)
+	}
+}
+
+// heldBy lists what a fork server holds on the host: its cgroup's directories (one per hierarchy) and the links in
+// this process's /proc/self/fd of its control socket and log pipe.
+func heldBy(t *testing.T, fs *forkServer) (dirs []string, links []string) {
+	t.Helper()
+	for _, d := range fs.cg.dirs {
+		dirs = append(dirs, d)
+	}
+	for _, conn := range []syscall.Conn{fs.ctl, fs.logs.f} {
+		rc, err := conn.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) {
+			link, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+			if err != nil {
+				t.Fatal(err)
+			}
+			links = append(links, link)
+		})
+	}
+	return dirs, links
+}
+
+// stillHeld reports what of dirs and links is still there.
+func stillHeld(dirs, links []string) []string {
+	var left []string
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err == nil {
+			left = append(left, d)
+		}
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, fd := range fds {
+		if link, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && slices.Contains(links, link) {
+			left = append(left, link)
+		}
+	}
+	return left
+}
+
+// A fork server that dies (here: killed from the host) is released at once, with no request to notice it: its
+// cgroups, its control socket and its log pipe; a replacement takes its place. Close then leaves nothing of any
+// fork server it ever started.
+func TestADeadForkServerIsReleasedAtOnce(t *testing.T) {
+	r := newForked(t, 0, nil)
+	for _, slot := range r.forks.slots {
+		fs := slot.cur
+		dirs, links := heldBy(t, fs)
+		if len(dirs) == 0 || len(stillHeld(dirs, links)) != len(dirs)+2 {
+			t.Fatalf("before: %v of %v %v", stillHeld(dirs, links), dirs, links)
+		}
+		python, err := onlyChild(fs.cmd.Process.Pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		syscall.Kill(python, syscall.SIGKILL)
+		waitUntil(t, "the dead fork server's cgroups, socket and pipe to be released", func() bool {
+			return len(stillHeld(dirs, links)) == 0
+		})
+		waitUntil(t, "its replacement", func() bool {
+			slot.mu.Lock()
+			defer slot.mu.Unlock()
+			return slot.cur != nil && slot.cur != fs && slot.cur.alive()
+		})
+	}
+	if out, err := runWith(t, r, "import pandas\ndef main():\n    return 1\n"); err != nil || !out.Forked {
+		t.Fatalf("after the replacement: forked=%v %v", out.Forked, err)
+	}
+	var dirs, links []string
+	for _, slot := range r.forks.slots {
+		d, l := heldBy(t, slot.cur)
+		dirs, links = append(dirs, d...), append(links, l...)
+	}
+	r.Close()
+	if left := stillHeld(dirs, links); len(left) > 0 {
+		t.Fatalf("after Close: %v", left)
 	}
 }

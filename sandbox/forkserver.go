@@ -43,6 +43,7 @@ type forking struct {
 	maxAge   time.Duration
 	maxForks int64
 	wg       sync.WaitGroup // replacements being started
+	servers  sync.WaitGroup // every fork server started, until it is gone and all it held released (forkServer.end)
 	closed   atomic.Bool
 }
 
@@ -70,6 +71,7 @@ type forkServer struct {
 	prefault int64
 	born     time.Time
 	done     chan struct{} // closed when nsjail has exited
+	gone     chan struct{} // closed when all it held is released, after done
 
 	mu       sync.Mutex
 	forks    int64
@@ -228,6 +230,12 @@ func (s *forkSlot) replaceLocked() {
 	go func() {
 		defer s.f.wg.Done()
 		time.Sleep(delay)
+		if s.f.closed.Load() {
+			s.mu.Lock()
+			s.starting = false
+			s.mu.Unlock()
+			return
+		}
 		fs, err := s.start()
 		s.mu.Lock()
 		s.starting = false
@@ -281,7 +289,7 @@ func (s *forkSlot) start() (*forkServer, error) {
 	}
 	js, _ := json.Marshal(map[string]any{"preload": s.preload, "plan": json.RawMessage(s.f.serverJS)})
 	args := append(append([]string{}, s.f.args...), "--", "/usr/local/bin/python3", "-I", "-u", "/safepy/forkserver.py", string(js))
-	fs := &forkServer{slot: s, cg: cg, ctl: conn.(*net.UnixConn), done: make(chan struct{})}
+	fs := &forkServer{slot: s, cg: cg, ctl: conn.(*net.UnixConn), done: make(chan struct{}), gone: make(chan struct{})}
 	fs.cmd = exec.Command(r.cfg.Nsjail, args...)
 	fs.cmd.Env = []string{}
 	fs.cmd.Stdout, fs.cmd.Stderr = logW, logW
@@ -297,9 +305,15 @@ func (s *forkSlot) start() (*forkServer, error) {
 		return nil, fmt.Errorf("starting the fork server: %w", err)
 	}
 	fs.logs = captureAsync(logR, 64<<10)
+	s.f.servers.Add(1)
 	go func() {
 		fs.cmd.Wait()
 		close(fs.done)
+		// However it ended (closed, replaced, killed, OOM-killed, crashed), what it held goes at once, and a
+		// fork server that was serving is replaced; its children's jails, which its death took down, finish on
+		// their own.
+		fs.end()
+		s.lost(fs)
 	}()
 	fs.ctl.SetReadDeadline(time.Now().Add(r.cfg.StartupTimeout + 30*time.Second))
 	ready := make([]byte, 4096)
@@ -402,11 +416,13 @@ func (fs *forkServer) retire() {
 	}
 }
 
-// close ends the fork server: it exits when its control socket closes; what is left is killed.
+// close ends the fork server: it exits when its control socket closes; what is left is killed. It returns once
+// all the fork server held is released.
 func (fs *forkServer) close() {
 	fs.mu.Lock()
 	if fs.closing {
 		fs.mu.Unlock()
+		<-fs.gone
 		return
 	}
 	fs.closing = true
@@ -419,25 +435,58 @@ func (fs *forkServer) close() {
 	fs.kill()
 }
 
-// kill kills the fork server's processes and removes its cgroup.
+// kill kills the fork server and returns once all it held is released.
 func (fs *forkServer) kill() {
 	fs.ctl.Close()
 	fs.cg.killAll()
 	if fs.cmd.Process != nil {
 		fs.cmd.Process.Kill()
 	}
-	<-fs.done
-	fs.cg.remove()
+	<-fs.gone
 }
 
-// close stops replacing fork servers and closes them all; each waits for its children, which Close has ended.
+// end releases what the fork server held once its nsjail has exited: what is left in its cgroup (every
+// hierarchy), the cgroup, its control socket and its log pipe. Called once, by the goroutine that saw it exit.
+func (fs *forkServer) end() {
+	defer fs.slot.f.servers.Done()
+	defer close(fs.gone)
+	fs.mu.Lock()
+	fs.retiring = true // no more forks: a request that finds it now goes the cold way
+	fs.mu.Unlock()
+	fs.ctl.Close()
+	fs.cg.killAll()
+	// The log pipe ends once the last process that held it is gone; it is closed after a moment all the same, so
+	// that nothing that may still hold the other end keeps it (what it said is read first: the start-up's error).
+	select {
+	case <-fs.logs.done:
+	case <-time.After(time.Second):
+	}
+	fs.logs.f.Close()
+	<-fs.logs.done
+	if err := fs.cg.remove(); err != nil {
+		slog.Warn("a fork server's cgroup could not be removed", "error", err.Error())
+	}
+}
+
+// lost takes a fork server that ended out of service, and starts its replacement if it was the one serving.
+func (s *forkSlot) lost(fs *forkServer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur == fs {
+		s.cur = nil
+		s.replaceLocked()
+	}
+}
+
+// close stops replacing fork servers, closes the serving ones (each once its children are gone, which Close has
+// ended), and returns once every fork server it ever started, dead or alive, is gone with all it held.
 func (f *forking) close() {
 	if f == nil {
 		return
 	}
 	f.closed.Store(true)
-	f.wg.Wait()
 	for _, s := range f.slots {
+		// A replacement is begun with the slot's lock held, so once it is taken here, no new one can begin.
 		s.mu.Lock()
 		fs := s.cur
 		s.cur = nil
@@ -446,6 +495,8 @@ func (f *forking) close() {
 			fs.retire()
 		}
 	}
+	f.wg.Wait() // replacements that began before: they see the runner closed and end what they started
+	f.servers.Wait()
 }
 
 // ready reports whether every preload set has a fork server serving.
