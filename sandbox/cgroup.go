@@ -38,7 +38,8 @@ type cgroups struct {
 	mode CgroupMode
 	// v1: controller name -> the runner's directory, under which each jail gets a child ("…/memory/safepy/PID-N").
 	v1 map[string]string
-	// v1: controller name -> the directory this process's threads return to after starting a jail.
+	// v1: controller name -> this process's own cgroup, under which the "safepy" directory is and to which its
+	// threads return after starting a jail.
 	v1home map[string]string
 	// v2: the runner's directory, under which each jail gets a child.
 	v2 string
@@ -128,7 +129,7 @@ func detectCgroups(want string, l Limits, probe string, total int64) (*cgroups, 
 			var j *jailCgroup
 			if j, err = cg.create("probe-"+strconv.Itoa(os.Getpid()), l); err == nil {
 				cmd := exec.Command(probe, "--help")
-				if err = j.start(cmd); err == nil {
+				if err = j.start(cmd, false, nil); err == nil {
 					_ = cmd.Wait()
 				}
 				if rerr := j.remove(); err == nil {
@@ -321,13 +322,13 @@ func (c *cgroups) limitAll(total int64) error {
 
 // jailCgroup is the cgroup of one jail: one directory per controller on v1, one directory on v2.
 type jailCgroup struct {
-	mode   CgroupMode
-	dirs   map[string]string // controller -> directory (v2: "" -> directory)
-	v1home map[string]string
+	mode CgroupMode
+	dirs map[string]string // controller -> directory (v2: "" -> directory)
+	home map[string]string // v1: controller -> this process's own cgroup
 }
 
 func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
-	j := &jailCgroup{mode: c.mode, dirs: map[string]string{}, v1home: c.v1home}
+	j := &jailCgroup{mode: c.mode, dirs: map[string]string{}, home: c.v1home}
 	var settings [][2]string
 	switch c.mode {
 	case CgroupNone:
@@ -376,15 +377,44 @@ func (c *cgroups) create(id string, l Limits) (*jailCgroup, error) {
 }
 
 // start starts cmd so that its first process, and so everything it forks, is born inside the cgroup: there is no
-// moment in which a jailed process runs outside its limits.
-func (j *jailCgroup) start(cmd *exec.Cmd) error {
-	if j == nil {
-		return cmd.Start()
+// moment in which a jailed process runs outside its limits. With freshClocks, it is also born in a time namespace
+// of its own whose clocks start now (clocks.go).
+//
+// It forks from an OS thread locked for the purpose. cgroup v1 places threads, not processes: the thread moves into
+// the jail's cgroups, forks, and moves back. A time namespace cannot be left by a thread of a process that has
+// others: that thread is thrown away (the runtime ends a thread whose goroutine exits locked; the main thread it
+// only parks), but not before ended is closed: a child's parent-death signal (Pdeathsig) follows the thread that
+// forked it, not the process. The Go runtime never clones a new thread from a locked one, so nothing else follows
+// the thread.
+func (j *jailCgroup) start(cmd *exec.Cmd, freshClocks bool, ended <-chan struct{}) error {
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		reusable, err := j.startHere(cmd, freshClocks)
+		done <- err
+		if reusable {
+			runtime.UnlockOSThread()
+		} else if err == nil {
+			<-ended
+		}
+	}()
+	return <-done
+}
+
+// startHere is start on the calling, locked thread; it reports whether the thread is as it was.
+func (j *jailCgroup) startHere(cmd *exec.Cmd, freshClocks bool) (reusable bool, err error) {
+	if freshClocks {
+		if err := freshTimeNamespace(); err != nil {
+			return false, err
+		}
 	}
-	if j.mode == CgroupV2 {
+	switch {
+	case j == nil:
+		return !freshClocks, cmd.Start()
+	case j.mode == CgroupV2:
 		fd, err := syscall.Open(j.dirs[""], syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 		if err != nil {
-			return err
+			return !freshClocks, err
 		}
 		defer syscall.Close(fd)
 		if cmd.SysProcAttr == nil {
@@ -392,37 +422,22 @@ func (j *jailCgroup) start(cmd *exec.Cmd) error {
 		}
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = fd
-		return cmd.Start()
+		return !freshClocks, cmd.Start()
 	}
-	// cgroup v1 places threads, not processes: move one locked OS thread into the jail's cgroups, fork from it,
-	// and move it back. The Go runtime never clones a new thread from a locked one, so nothing else follows it.
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		tid := strconv.Itoa(syscall.Gettid())
-		if err := j.moveThread(tid, j.dirs); err != nil {
-			if j.moveThread(tid, j.v1home) == nil {
-				runtime.UnlockOSThread()
+	tid := strconv.Itoa(syscall.Gettid())
+	move := func(dirs map[string]string) error {
+		for _, ctrl := range v1Controllers {
+			if err := writeFile(filepath.Join(dirs[ctrl], "tasks"), tid); err != nil {
+				return err
 			}
-			done <- err
-			return
 		}
-		err := cmd.Start()
-		if j.moveThread(tid, j.v1home) == nil {
-			runtime.UnlockOSThread()
-		} // else: the goroutine ends locked, and the runtime retires the thread with it
-		done <- err
-	}()
-	return <-done
-}
-
-func (j *jailCgroup) moveThread(tid string, dirs map[string]string) error {
-	for _, ctrl := range v1Controllers {
-		if err := writeFile(filepath.Join(dirs[ctrl], "tasks"), tid); err != nil {
-			return err
-		}
+		return nil
 	}
-	return nil
+	if err = move(j.dirs); err == nil {
+		err = cmd.Start()
+	}
+	// Back home, or the thread stays where it is and is thrown away.
+	return move(j.home) == nil && !freshClocks, err
 }
 
 // procsFiles opens the cgroup's cgroup.procs files for writing, one per hierarchy: a process that is handed them

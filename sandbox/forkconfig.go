@@ -33,6 +33,8 @@ type childPlan struct {
 	Rlimits  map[string]Rlimit `json:"rlimits"`
 	Seccomp  string            `json:"seccomp"` // the cold jail's BPF program, hex
 	Harness  harnessConfig     `json:"harness"`
+	// TimeNamespace: the child makes a time namespace whose clocks start with it (clocks.go).
+	TimeNamespace bool `json:"time_namespace"`
 }
 
 type childMount struct {
@@ -57,6 +59,22 @@ type forkDerivation struct {
 	mounts []childMount
 	masks  []string // the fixed texts, in the order of their files in /safepy/mask
 	gid    int
+	// timeNamespace: nsjail.cfg gives each jail a time namespace (clone_newtime), which the child makes itself.
+	timeNamespace bool
+}
+
+// coldConfig is nsjail.cfg as a cold jail's nsjail reads it: the same but for clone_newtime, whose time namespace
+// the Go side makes itself (clocks.go); it reports whether nsjail.cfg asks for one.
+func coldConfig(cfg *textMessage) (config string, timeNamespace bool) {
+	out := &textMessage{}
+	for _, f := range cfg.fields {
+		if f.name == "clone_newtime" && f.msg == nil {
+			timeNamespace = f.value == "true"
+			continue
+		}
+		out.fields = append(out.fields, f)
+	}
+	return out.format(), timeNamespace
 }
 
 // deriveForkServer splits a parsed nsjail.cfg into the fork server's config and its children's mounts.
@@ -112,6 +130,10 @@ func deriveForkServer(cfg *textMessage) (forkDerivation, error) {
 			case strings.HasPrefix(dst, "/proc"):
 				return d, fmt.Errorf("mount of %s: a fork server's child cannot make this kind of mount under /proc", dst)
 			}
+		case f.name == "clone_newtime":
+			// The fork server needs none; each child makes its own, with the offsets nsjail cannot set (clocks.go).
+			d.timeNamespace = f.value == "true"
+			continue
 		case f.name == "gidmap" && f.msg != nil:
 			inside, _ := f.msg.scalar("inside_id")
 			if d.gid, err = strconv.Atoi(inside); err != nil {
@@ -194,5 +216,5 @@ func (r *Runner) newChildPlan(cfg *textMessage, d forkDerivation, program []byte
 	rlimits["RLIMIT_CPU"] = Rlimit{cpu, cpu}
 	return childPlan{UID: jailUID, GID: d.gid, Hostname: hostname, Cwd: cwd, Mounts: d.mounts, Rlimits: rlimits,
 		Seccomp: hex.EncodeToString(program),
-		Harness: r.harnessConfig([]string{})}
+		Harness: r.harnessConfig([]string{}), TimeNamespace: d.timeNamespace}
 }

@@ -295,7 +295,7 @@ func (s *forkSlot) start() (*forkServer, error) {
 	fs.cmd.Stdout, fs.cmd.Stderr = logW, logW
 	fs.cmd.ExtraFiles = []*os.File{theirs, logW} // 3: the control socket, 4: nsjail's log
 	fs.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	err = cg.start(fs.cmd)
+	err = cg.start(fs.cmd, false, fs.done)
 	logW.Close()
 	theirs.Close() // the fork server's alone now: if it dies, reading the control socket ends
 	if err != nil {

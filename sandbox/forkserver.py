@@ -9,8 +9,8 @@
 #   1. it moves itself into the request's cgroup (writing 0 to a cgroup.procs the server opened: the kernel checks
 #      the opener's credentials), puts the request's descriptors at fixed numbers and closes every other one, the
 #      control socket included;
-#   2. it becomes the request's uid and unshares user, mount, network, IPC, UTS, cgroup and PID namespaces, mapping
-#      only its own uid (1000 inside);
+#   2. it becomes the request's uid and unshares user, mount, network, IPC, UTS, cgroup, PID and time namespaces,
+#      mapping only its own uid (1000 inside), and starts the time namespace's clocks at zero;
 #   3. it forks the request's PID 1 and stays behind as a supervisor that reports PID 1's wait status on the status
 #      pipe, as nsjail reports its child's;
 #   4. PID 1 mounts a fresh /proc (with the plan's fixed texts over the files that tell of neighbours) and fresh
@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 CTL_FD = 3
 libc = ctypes.CDLL(None, use_errno=True)
@@ -38,7 +39,7 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_MODE_FILTER = 2
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 0x4000, 1 << 18
-CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
+CLONE_NEWTIME, CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x80, 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 SYS_CAPSET = 126
 with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -222,8 +223,10 @@ def child(req, fds, plan, harness, prefault):
     uid = req["uid"]
     os.setresgid(plan["gid"], plan["gid"], plan["gid"])
     os.setresuid(uid, uid, uid)
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS |
-                       CLONE_NEWCGROUP | CLONE_NEWPID), "unshare")
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
+    if plan["time_namespace"]:
+        flags |= CLONE_NEWTIME
+    check(libc.unshare(flags), "unshare")
     # The fork server is not dumpable, which leaves /proc/self's files to root; a request's own process is, as a
     # cold jail's is. (Only now: a change of uid resets the flag.)
     check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
@@ -231,6 +234,14 @@ def child(req, fds, plan, harness, prefault):
                        ("/proc/self/gid_map", "%d %d 1" % (plan["gid"], plan["gid"]))):
         with open(path, "w") as f:
             f.write(text)
+    if plan["time_namespace"]:
+        # The jail's monotonic and boot-time clocks start now (sandbox/clocks.go says why here): the offsets are
+        # set before PID 1, the first process in the namespace, is forked. The kernel wants them as whole seconds
+        # down and nanoseconds in [0, 1e9), which divmod of the negated time gives.
+        offsets = "".join("%s %d %d\n" % ((name,) + divmod(-time.clock_gettime_ns(clock), 10 ** 9))
+                          for name, clock in (("monotonic", time.CLOCK_MONOTONIC), ("boottime", time.CLOCK_BOOTTIME)))
+        with open("/proc/self/timens_offsets", "w") as f:
+            f.write(offsets)
 
     # A session and process group of its own, as nsjail gives a cold jail: kill(0, ...) from the script reaches
     # its own jail, never the supervisor, the fork server or a sibling.

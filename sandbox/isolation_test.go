@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/safe-py/safepy/internal/proctree"
 )
 
@@ -378,6 +380,7 @@ def main():
             "memtotal": [l.split()[1] for l in read("/proc/meminfo").splitlines() if l.startswith("MemTotal")],
             "file-nr": read("/proc/sys/fs/file-nr"), "vmstat": read("/proc/vmstat"),
             "interrupts": read("/proc/interrupts"), "pressure": sorted(os.listdir("/proc/pressure")),
+            "cgroups": read("/proc/cgroups"),
             "cpu_count": os.cpu_count(), "self": read("/proc/self/status")[:5]}
 `)
 		var res struct {
@@ -391,6 +394,7 @@ def main():
 			Vmstat     string   `json:"vmstat"`
 			Interrupts string   `json:"interrupts"`
 			Pressure   []string `json:"pressure"`
+			Cgroups    string   `json:"cgroups"`
 			CPUCount   int      `json:"cpu_count"`
 			Self       string   `json:"self"`
 		}
@@ -400,10 +404,11 @@ def main():
 		hostBoot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
 		for name, v := range map[string]string{"processes": fmt.Sprint(res.Processes), "loadavg": res.Loadavg,
 			"uptime": res.Uptime, "boot_id": res.BootID, "cmdline": res.Cmdline, "file-nr": res.FileNr,
-			"vmstat": res.Vmstat, "interrupts": res.Interrupts, "pressure": fmt.Sprint(res.Pressure)} {
+			"vmstat": res.Vmstat, "interrupts": res.Interrupts, "pressure": fmt.Sprint(res.Pressure), "cgroups": res.Cgroups} {
 			want := map[string]string{"processes": "[processes 0]", "loadavg": "0.00 0.00 0.00 1/1 1\n", "uptime": "0.00 0.00\n",
 				"boot_id": "00000000-0000-0000-0000-000000000000\n", "cmdline": "\n", "file-nr": "0\t0\t0\n",
-				"vmstat": "\n", "interrupts": "\n", "pressure": "[]"}[name]
+				"vmstat": "\n", "interrupts": "\n", "pressure": "[]",
+				"cgroups": "#subsys_name\thierarchy\tnum_cgroups\tenabled\n"}[name]
 			if v != want {
 				t.Errorf("%s in the jail: %q, want the fixed %q", name, v, want)
 			}
@@ -449,4 +454,45 @@ func TestSignalsStayInTheJail(t *testing.T) {
 			t.Fatalf("a stopped script next to one sending SIGCONT to its group: %v", stoppedErr)
 		}
 	})
+}
+
+// A jail's clocks start with the jail: its boot-time and monotonic clocks, its processes' start times (the 22nd
+// field of /proc/PID/stat, in ticks since boot) and the uptime sysinfo reports count from the jail's making, not
+// the host's boot. Every jail of these runners was made after TestMain began, so none of them may read more than
+// has passed since (and the host had been up for longer than that by far).
+func TestJailClocksStartWithTheJail(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		got, _ := mustRun(t, `import ctypes, os, time
+def main():
+    class Sysinfo(ctypes.Structure):
+        _fields_ = [("uptime", ctypes.c_long), ("pad", ctypes.c_char * 256)]
+    info = Sysinfo()
+    ctypes.CDLL(None).sysinfo(ctypes.byref(info))
+    tick = os.sysconf("SC_CLK_TCK")
+    start = lambda pid: int(open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()[19]) / tick
+    return {"boottime": time.clock_gettime(time.CLOCK_BOOTTIME), "monotonic": time.clock_gettime(time.CLOCK_MONOTONIC),
+            "self_start": start("self"), "init_start": start(1), "sysinfo": info.uptime}
+`)
+		var clocks map[string]float64
+		if err := json.Unmarshal([]byte(got), &clocks); err != nil {
+			t.Fatal(err)
+		}
+		since := hostBoottime() - testsBegan
+		if testsBegan < 10 {
+			t.Fatalf("the host was up %.1f s when the tests began: too little to tell its clocks from a jail's", testsBegan)
+		}
+		for name, v := range clocks {
+			if v > since+1 {
+				t.Errorf("%s in the jail: %.2f s, more than the %.2f s since the tests began (the host has been up %.0f s)",
+					name, v, since, hostBoottime())
+			}
+		}
+	})
+}
+
+// hostBoottime is the host's CLOCK_BOOTTIME in seconds.
+func hostBoottime() float64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return float64(ts.Sec) + float64(ts.Nsec)/1e9
 }

@@ -155,7 +155,7 @@ func (r *Runner) launchCold(preload []string) (*jail, error) {
 	j.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 
 	j.begin = time.Now()
-	err = cg.start(j.cmd)
+	err = cg.start(j.cmd, r.timeNamespace, j.done)
 	closeFiles(childEnds)
 	if err != nil {
 		j.release()

@@ -55,7 +55,11 @@ func onBothPaths(t *testing.T, fn func(t *testing.T)) {
 	}
 }
 
+// testsBegan is the host's boot time clock when TestMain began, before any jail was made.
+var testsBegan float64
+
 func TestMain(m *testing.M) {
+	testsBegan = hostBoottime()
 	flag.Parse()
 	if fuzzing() { // the fuzz targets need no jail; every fuzz worker would start the pools for nothing
 		os.Exit(m.Run())

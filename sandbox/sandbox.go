@@ -86,16 +86,19 @@ type Runner struct {
 	cgroupErr  error
 	harnessDir string
 	uids       *uidPool
-	opts       []string         // nsjail's options, rendered once; each jail adds its uid
-	command    []string         // what nsjail runs; the harness's configuration is added per jail
-	imports    []*regexp.Regexp // imports[i]: a script imports Preload[i]'s package
-	forks      *forking         // nil: every jail is cold
-	forkNote   string           // why there are no fork servers
-	forkFails  atomic.Int64
-	pools      []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
-	cleanups   sync.WaitGroup // jails being destroyed in the background
-	running    atomic.Int64   // executions under way
-	refilling  chan struct{}  // one token: the pools launch one jail at a time between them
+	// timeNamespace: each jail gets a time namespace whose clocks start with it (nsjail.cfg's clone_newtime,
+	// made by the sandbox itself: clocks.go).
+	timeNamespace bool
+	opts          []string         // nsjail's options, rendered once; each jail adds its uid
+	command       []string         // what nsjail runs; the harness's configuration is added per jail
+	imports       []*regexp.Regexp // imports[i]: a script imports Preload[i]'s package
+	forks         *forking         // nil: every jail is cold
+	forkNote      string           // why there are no fork servers
+	forkFails     atomic.Int64
+	pools         []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
+	cleanups      sync.WaitGroup // jails being destroyed in the background
+	running       atomic.Int64   // executions under way
+	refilling     chan struct{}  // one token: the pools launch one jail at a time between them
 
 	mu       sync.Mutex
 	closed   bool
@@ -186,8 +189,19 @@ func New(cfg Config) (*Runner, error) {
 
 	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids,
 		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
-	jailConfig, _ := filepath.Abs(cfg.JailConfig)
-	opts := append(r.commonOpts(jailConfig),
+	def, err := readJailDefinition(cfg.JailConfig)
+	var coldText string
+	if err == nil {
+		coldText, r.timeNamespace = coldConfig(def)
+		err = os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(coldText), 0o444)
+	}
+	if err != nil {
+		os.RemoveAll(dir)
+		uids.close()
+		cg.close()
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	opts := append(r.commonOpts(filepath.Join(dir, "jail.cfg")),
 		"--pass_fd", "3", "--pass_fd", "4",
 		// nsjail's own timer and CPU limit only bound a jail that never gets a script: a warm jail waits in the pool
 		// up to PoolMaxAge, and the harness sets the script's CPU limit when the script arrives.
