@@ -100,15 +100,21 @@ func TestClientsThatNeverReadCostABoundedAmount(t *testing.T) {
 	}
 	peak := procStatus(t, pid, "VmHWM")
 	var cut, refused int
+	var held []string // how long each cut answer was held: from its request's start to the cut
 	for _, e := range s.Entries("execution")[1:] {
 		switch {
 		case e["outcome"] == "Overloaded":
 			refused++
 		case e["answer_error"] != nil:
 			cut++
+			run, _ := e["total_ms"].(float64)
+			latency, _ := e["httpRequest"].(map[string]any)["latency"].(string)
+			d, _ := time.ParseDuration(latency)
+			held = append(held, fmt.Sprintf("%.1fs", (d-time.Duration(run*float64(time.Millisecond))).Seconds()))
 		}
 	}
-	t.Logf("server RSS %d MiB before, peak %d MiB; %d answers cut off unread, %d refused for want of room", base>>10, peak>>10, cut, refused)
+	t.Logf("server RSS %d MiB before, peak %d MiB; %d answers cut off unread (each after %v of writing, queue and run excluded), %d refused for want of room",
+		base>>10, peak>>10, cut, held, refused)
 	// The budget (64 MiB) and what the two slots' running jails hold (about 15 MiB each), twice over for the
 	// garbage collector's headroom, and the runtime's own; far below what the answers would be whole (24 x 23 MiB).
 	if grew := (peak - base) >> 10; grew > 256 {
