@@ -67,7 +67,7 @@ type forkServer struct {
 	base int64 // memory charged to the fork server's cgroup once its modules are in
 	// copies is what a typical script of the preload set copies of the fork server's pages by writing them, as
 	// measured on this fork server (forkserver.py's train): each copy is charged to the child while the original
-	// stays charged to the fork server, so every child's limit is that much larger (launchForked).
+	// stays charged to the fork server, so every child's limit is that much larger (forkedMemoryLimit).
 	copies int64
 	// prefault is what a warm child populates ahead of time of the pages the typical script wrote, the copies
 	// among them: all of it is charged to the child, so a warm child's limit is that much larger instead.

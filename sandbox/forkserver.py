@@ -100,7 +100,7 @@ def main(config):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: no zombies
     ctl = socket.socket(fileno=CTL_FD)
     # Ready, how much a warm child prefaults, and how much of the fork server's memory the typical script copied:
-    # the server adds these to a child's memory limit (jail.go, launchForked), since such copies are charged to
+    # the server adds these to a child's memory limit (jail.go, forkedMemoryLimit), since such copies are charged to
     # the child on top of what the fork server holds.
     ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault["write"]),
                                 "copied_bytes": prefault["copied"]}).encode())
@@ -156,7 +156,7 @@ def train(harness, training):
     writes is copied, the copy is charged to the jail, and the original stays charged to the fork server, which
     the jail's limit already leaves out. A cold jail holds that page once. So every child's limit is raised by what
     the typical script copies (measured here, on this fork server's own memory), and its script has what a cold
-    jail's would (jail.go, launchForked)."""
+    jail's would (jail.go, forkedMemoryLimit)."""
     import array
     import bisect
 
