@@ -66,8 +66,12 @@ type forkServer struct {
 	ctl  *net.UnixConn
 	logs *stream
 	base int64 // memory charged to the fork server's cgroup once its modules are in
-	// prefault is what a warm child copies of the fork server's pages ahead of time (forkserver.py's train): it is
-	// charged to the child as well as to the fork server, so a warm child's limit is that much larger.
+	// copies is what a typical script of the preload set copies of the fork server's pages by writing them, as
+	// measured on this fork server (forkserver.py's train): each copy is charged to the child while the original
+	// stays charged to the fork server, so every child's limit is that much larger (forkedMemoryLimit).
+	copies int64
+	// prefault is what a warm child populates ahead of time of the pages the typical script wrote, the copies
+	// among them: all of it is charged to the child, so a warm child's limit is that much larger instead.
 	prefault int64
 	born     time.Time
 	done     chan struct{} // closed when nsjail has exited
@@ -320,13 +324,14 @@ func (s *forkSlot) start() (*forkServer, error) {
 	n, err := fs.ctl.Read(ready)
 	var report struct {
 		PrefaultBytes int64 `json:"prefault_bytes"`
+		CopiedBytes   int64 `json:"copied_bytes"`
 	}
 	if n < 1 || ready[0] != 'R' || json.Unmarshal(ready[1:n], &report) != nil {
 		fs.kill()
 		logs, _ := fs.logs.now()
 		return nil, fmt.Errorf("the fork server did not come up (%v): %s%s", err, firstLines(logs, 4), hint(logs))
 	}
-	fs.prefault = report.PrefaultBytes
+	fs.prefault, fs.copies = report.PrefaultBytes, report.CopiedBytes
 	fs.ctl.SetReadDeadline(time.Time{})
 	fs.base = cg.memoryUsage()
 	fs.born = time.Now()

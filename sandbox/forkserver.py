@@ -100,9 +100,11 @@ def main(config):
     check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children: no zombies
     ctl = socket.socket(fileno=CTL_FD)
-    # Ready, and how much a warm child prefaults: the server adds it to a warm child's memory limit, since those
-    # copies of the fork server's pages are charged to the child on top of what the fork server holds.
-    ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault["write"])}).encode())
+    # Ready, how much a warm child prefaults, and how much of the fork server's memory the typical script copied:
+    # the server adds these to a child's memory limit (jail.go, forkedMemoryLimit), since such copies are charged to
+    # the child on top of what the fork server holds.
+    ctl.send(b"R" + json.dumps({"prefault_bytes": sum(length for _, length in prefault["write"]),
+                                "copied_bytes": prefault["copied"]}).encode())
     plan = config["plan"]
     while True:
         try:
@@ -148,8 +150,16 @@ TRAINING = {
 
 def train(harness, training):
     """Run the preload set's typical script in a child and return what it touched: the address ranges it wrote to
-    ("write") and the pages of the libraries' code and read-only data it read ("read")."""
+    ("write") and the pages of the libraries' code and read-only data it read ("read"); and how many bytes of the
+    fork server's own pages it copied by writing them ("copied").
+
+    The copies are what a jail of this preload set pays twice for: a page of the fork server's that a script
+    writes is copied, the copy is charged to the jail, and the original stays charged to the fork server, which
+    the jail's limit already leaves out. A cold jail holds that page once. So every child's limit is raised by what
+    the typical script copies (measured here, on this fork server's own memory), and its script has what a cold
+    jail's would (jail.go, forkedMemoryLimit)."""
     import array
+    import bisect
 
     r, w = os.pipe()
     pid = os.fork()
@@ -158,9 +168,31 @@ def train(harness, training):
             os.close(r)
             devnull = os.open("/dev/null", os.O_WRONLY)
             os.dup2(devnull, 1)
-            harness.exercise(training)
             page = os.sysconf("SC_PAGE_SIZE")
-            touched = {"write": [], "read": []}
+            # The fork server's pages as the script finds them: in the writable private mappings, those present and
+            # not yet this process's alone are the fork server's, shared. (What this bookkeeping allocates may
+            # copy a few pages of them itself, which counts them too: an overestimate by a few pages at most.)
+            shared = []  # (start, end, pagemap entries), by start
+            with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+                for line in maps:
+                    fields = line.split()
+                    if fields[1] == "rw-p":
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        pagemap.seek(lo // page * 8)
+                        entries = array.array("Q")
+                        entries.frombytes(pagemap.read((hi - lo) // page * 8))
+                        shared.append((lo, hi, entries))
+            starts = [lo for lo, _, _ in shared]
+
+            def was_shared(address):
+                k = bisect.bisect_right(starts, address) - 1
+                if k < 0 or address >= shared[k][1]:
+                    return False  # mapped since
+                e = shared[k][2][(address - shared[k][0]) // page]
+                return e >> 63 & 1 and not e >> 56 & 1
+
+            harness.exercise(training)
+            touched = {"write": [], "read": [], "copied": 0}
             with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
                 for line in maps:
                     fields = line.split()
@@ -181,6 +213,8 @@ def train(harness, training):
                     for i, e in enumerate(entries):
                         if wanted(e):
                             start = lo + i * page
+                            if kind == "write" and was_shared(start):
+                                touched["copied"] += page  # the fork server's, shared before the script, now a copy
                             if ranges and lo <= ranges[-1][0] and start - (ranges[-1][0] + ranges[-1][1]) <= 16 * page:
                                 ranges[-1][1] = start + page - ranges[-1][0]  # close enough, same mapping: one call
                             else:
@@ -200,7 +234,7 @@ def train(harness, training):
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
-        return {"write": [], "read": []}
+        return {"write": [], "read": [], "copied": 0}
 
 
 def child(req, fds, plan, harness, prefault):

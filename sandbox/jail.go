@@ -34,7 +34,7 @@ type jail struct {
 	done                  chan struct{} // closed when the jail's init has ended; exit is then set
 	exit                  int           // the init's exit status (128 + signal); -1 if it is not known
 
-	base    int64     // memory charged elsewhere (a fork server's) that the jail's script would otherwise hold
+	base    int64     // what counts against the jail's limit outside its cgroup (of its fork server's memory)
 	begin   time.Time // the jail was started
 	readyAt time.Time // the harness said it was ready
 	stalled bool      // killed for not coming up within the start-up timeout
@@ -61,23 +61,17 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	// The pages the fork server preloaded stay charged to its own cgroup: the child's cgroup is that much
-	// smaller, so that a script has the same memory whichever way its jail was made.
 	limits := r.limits
-	limits.MemoryBytes -= fs.base
-	if prefault {
-		limits.MemoryBytes += fs.prefault
-	}
+	limits.MemoryBytes = r.forkedMemoryLimit(fs, prefault)
 	cg, err := r.cgroups.create(newID(), limits)
 	if err != nil {
 		r.uids.give(uid)
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
 	}
-	j := &jail{r: r, cg: cg, uid: uid, base: fs.base, started: make(chan struct{}), done: make(chan struct{}),
-		begin: time.Now()}
-	if prefault {
-		j.base -= fs.prefault // its own copies are in its cgroup already
-	}
+	// What counts against the jail's limit outside its cgroup: its share of the fork server, less the copies the
+	// limit makes room for.
+	j := &jail{r: r, cg: cg, uid: uid, base: r.limits.MemoryBytes - limits.MemoryBytes, started: make(chan struct{}),
+		done: make(chan struct{}), begin: time.Now()}
 	procs, err := cg.procsFiles()
 	if err != nil {
 		j.release()
@@ -118,6 +112,26 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 		close(j.done)
 	}()
 	return j, nil
+}
+
+// forkedMemoryLimit is the memory limit of a jail forked from fs: a script in it has what it would have in a cold
+// jail, which holds everything it uses in its own cgroup.
+//
+// The pages the fork server preloaded stay charged to the fork server's cgroup (no cgroup version moves charges),
+// and count as the jail's all the same: the jail's cgroup is that much smaller (fs.base). But a page of the fork
+// server's that the jail writes is copied, and the copy is charged to the jail while the original stays charged
+// to the fork server: counted twice, where a cold jail holds it once. So the limit is raised by what a typical
+// script of the preload set copies (fs.copies, measured by the fork server's training run); a prefaulted jail,
+// which copies that ahead of time and populates the pages around it too, is raised by all it populates
+// (fs.prefault) instead. A script that copies what the typical one does then has what it has cold; one that copies
+// less has up to that much more (the limit cannot know), one that copies more has less. Never above a cold
+// jail's limit: the memory the service sets aside per slot (memoryPlan) holds one jail at its limit.
+func (r *Runner) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
+	room := fs.copies
+	if prefault {
+		room = max(room, fs.prefault)
+	}
+	return min(r.limits.MemoryBytes-fs.base+room, r.limits.MemoryBytes)
 }
 
 // launchCold starts a jail with an nsjail process of its own.

@@ -59,7 +59,7 @@ type Outcome struct {
 	FilesTruncated  bool          // files were left out, or a tree was cut
 	Started         bool          // the interpreter came up and the script was handed over
 	Warm            bool          // the jail came from the pool of warm jails
-	BaseMemory      int64         // what the jail held when the script arrived (a forked jail: with its fork server's share); it counts against the limit
+	BaseMemory      int64         // what the jail held when the script arrived (a forked jail: with its fork server's share, less the room its limit makes for copies of it); it counts against the limit
 	PeakMemory      int64         // the most the jail's cgroup held (a forked jail's cgroup holds only what it did not share)
 	Forked          bool          // the jail was forked from a fork server
 	Timing          Timing
