@@ -340,17 +340,17 @@ def run(config):
 
     for name in config["preload"] or []:
         __import__(name)
-    write_all(RESULT_FD, b"S")
     if config.get("prefault"):
-        # A warm jail forked from a fork server takes now, while it waits, what a typical script would otherwise
-        # take on its time (forkserver.py's train): the copies of the fork server's pages it writes, and the page
-        # table entries of the code it runs. A script that comes first waits for the rest, which is what it would
-        # have spent on them anyway.
+        # A warm jail forked from a fork server takes now, before it says it is ready, what a typical script would
+        # otherwise take on its time (forkserver.py's train): the copies of the fork server's pages it writes, and
+        # the page table entries of the code it runs. Ready only after: the pool learns how long a prefaulted jail
+        # takes to be ready, and a request that comes meanwhile waits for it as for any jail being made.
         libc = ctypes.CDLL(None)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         for advice, kind in ((23, "write"), (22, "read")):  # MADV_POPULATE_WRITE, MADV_POPULATE_READ
             for start, length in config["prefault"][kind]:
                 libc.madvise(start, length, advice)
+    write_all(RESULT_FD, b"S")
 
     source, files = read_job()
     inputs = write_inputs(files)

@@ -30,6 +30,9 @@ type pool struct {
 	closed   bool
 	lastTake time.Time
 	hold     bool          // the last take came long after the one before: its refill waits for its answer
+	gap      time.Duration // moving average of the time between takes
+	// prefaultTook is a moving average of how long a prefaulted jail took from its fork to ready (0 until one did).
+	prefaultTook time.Duration
 	pending  int           // jails forked ahead that are not ready yet
 	waiting  int           // requests waiting for one of them
 	arrived  chan struct{} // closed when one of them is ready or failed
@@ -62,6 +65,9 @@ func (p *pool) take() *jail {
 	defer p.mu.Unlock()
 	now := time.Now()
 	p.hold = now.Sub(p.lastTake) > seldom
+	if !p.lastTake.IsZero() {
+		p.gap = average(p.gap, now.Sub(p.lastTake))
+	}
 	p.lastTake = now
 	return p.takeLocked()
 }
@@ -267,7 +273,10 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 	// where its script copies only what it writes.
 	p.mu.Lock()
 	closed := p.closed
-	prefault := p.hold || time.Since(p.lastTake) > seldom
+	// Also while requests come back to back, if they come far enough apart for a prefaulted jail to be ready
+	// before the next one (a plot takes tens of milliseconds; its jail copies what it would otherwise copy on the
+	// request's time, while the previous request runs on another CPU).
+	prefault := p.hold || time.Since(p.lastTake) > seldom || p.prefaultTook > 0 && p.gap > 2*p.prefaultTook
 	p.mu.Unlock()
 	if closed || ctx.Err() != nil {
 		return false
@@ -294,6 +303,9 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 		}
 		p.mu.Lock()
 		p.pending--
+		if err == nil && prefault {
+			p.prefaultTook = average(p.prefaultTook, j.readyAt.Sub(j.begin))
+		}
 		added := err == nil && p.addLocked(j)
 		if ctx.Err() == nil {
 			p.startedLocked(err)
@@ -376,4 +388,12 @@ func (p *pool) close() {
 	for _, j := range ready {
 		j.discard()
 	}
+}
+
+// average is a moving average of durations that follows a change within a few of them; the first one sets it.
+func average(avg, d time.Duration) time.Duration {
+	if avg == 0 {
+		return d
+	}
+	return (3*avg + d) / 4
 }
