@@ -344,7 +344,7 @@ def main():
     out["uuid4"] = uuid.uuid4().version
     out["secrets"] = len(secrets.token_hex(16))
     # Only the C locales are in the jail (no /usr/lib/locale).
-    out["locale"] = [locale.setlocale(locale.LC_ALL, "C"), locale.getpreferredencoding(False),
+    out["locale"] = [locale.setlocale(locale.LC_ALL, "C"), locale.getpreferredencoding(False).lower(),
                      locale.localeconv()["decimal_point"]]
     out["urandom"] = len(os.urandom(16))
     out["cwd"] = os.getcwd()
