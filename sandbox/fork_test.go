@@ -79,6 +79,7 @@ func TestForkedJailHasTheColdSeccompFilter(t *testing.T) {
 	if bytes.Equal(server, cold) || len(server) == 0 {
 		t.Fatal("the fork server's own filter is the jail's: it could not build a jail")
 	}
+	checkForkServerFilter(t, server, jail)
 }
 
 // The fork server is single-threaded, not dumpable (its /proc files belong to root), and runs as the block's

@@ -11,8 +11,9 @@ import (
 
 // A fork server is a jail made by nsjail from nsjail.cfg itself, parsed and written back with exactly these
 // differences (forkServerConfig), because it must build its children's jails:
-//   - its seccomp policy also allows unshare and mount (its own code is trusted and runs no script); a child
-//     installs the cold jail's filter on top, so what a child may do is what a cold jail may do;
+//   - its seccomp policy also allows what its own code needs to build a jail (forkServerAllows; its code is
+//     trusted and runs no script); a child installs the cold jail's filter on top, so what a child may do is what
+//     a cold jail may do;
 //   - its /proc is writable (a child writes its own uid_map through it) and carries none of the fixed texts (the
 //     kernel lets a user namespace mount a new /proc only where the old one is fully visible);
 //   - its writable tmpfs mounts are small placeholders, read-only but for /tmp (1 MiB, where it gives matplotlib
@@ -149,17 +150,26 @@ func deriveForkServer(cfg *textMessage) (forkDerivation, error) {
 	return d, nil
 }
 
-var usePolicy = regexp.MustCompile(`(?s)\bUSE\s+(\w+)\s+DEFAULT\s+(\w+)\s*$`)
+var usePolicy = regexp.MustCompile(`(?s)\bUSE\s+(\w+)\s+DEFAULT\s+(\w+(?:\(\s*\w+\s*\))?)\s*$`)
 
-// forkServerPolicy is the jail's Kafel policy with unshare and mount allowed in front of it (the first rule that
-// matches decides): everything the jail refuses but those two, the fork server refuses too.
+// forkServerAllows is what the fork server's own code calls that a jail may not, and nothing more: a child builds
+// its jail (unshare, mount, sethostname), becomes the request's uid (setresgid, setresuid), and drops its
+// privileges (capset; prctl for the capability bounding and ambient sets, no_new_privs, dumpability and the jail's
+// filter). Found as the jail's allowlist was: with the fork server's default action LOG, over the fork path's
+// tests and workloads, these were the only calls it made outside the jail's allowlist.
+// prctl's options: PR_SET_DUMPABLE 4, PR_SET_SECCOMP 22, PR_CAPBSET_DROP 24, PR_SET_NO_NEW_PRIVS 38, PR_CAP_AMBIENT 47.
+const forkServerAllows = "unshare, mount, sethostname, setresgid, setresuid, capset, " +
+	"prctl { option == 4 || option == 22 || option == 24 || option == 38 || option == 47 }"
+
+// forkServerPolicy is the jail's Kafel policy with forkServerAllows allowed in front of it (the first rule that
+// matches decides): everything else the jail refuses, the fork server refuses too, with the same answer.
 func forkServerPolicy(policy string) (string, error) {
 	m := usePolicy.FindStringSubmatchIndex(policy)
 	if m == nil {
 		return "", fmt.Errorf("the seccomp policy must end with `USE <policy> DEFAULT <action>`")
 	}
 	name := policy[m[2]:m[3]]
-	return "POLICY safepy_forkserver { ALLOW { unshare, mount } }\n" + policy[:m[0]] +
+	return "POLICY safepy_forkserver { ALLOW { " + forkServerAllows + " } }\n" + policy[:m[0]] +
 		"USE safepy_forkserver, USE " + name + " DEFAULT " + policy[m[4]:m[5]], nil
 }
 
