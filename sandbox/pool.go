@@ -33,12 +33,12 @@ type pool struct {
 	gap      time.Duration // moving average of the time between takes
 	// prefaultTook is a moving average of how long a prefaulted jail took from its fork to ready (0 until one did).
 	prefaultTook time.Duration
-	pending  int           // jails forked ahead that are not ready yet
-	waiting  int           // requests waiting for one of them
-	arrived  chan struct{} // closed when one of them is ready or failed
-	bareIdle time.Duration // how long a bare jail may wait before it is replaced by a prefaulted one
-	backoff  time.Duration // after failed starts: the pool starts no jail before retryAt
-	retryAt  time.Time
+	pending      int           // jails forked ahead that are not ready yet
+	waiting      int           // requests waiting for one of them
+	arrived      chan struct{} // closed when one of them is ready or failed
+	bareIdle     time.Duration // how long a bare jail may wait before it is replaced by a prefaulted one
+	backoff      time.Duration // after failed starts: the pool starts no jail before retryAt
+	retryAt      time.Time
 
 	wake chan struct{} // a jail was taken, or one may have aged
 	stop chan struct{}
