@@ -215,8 +215,12 @@ def train(harness, training):
                             start = lo + i * page
                             if kind == "write" and was_shared(start):
                                 touched["copied"] += page  # the fork server's, shared before the script, now a copy
-                            if ranges and lo <= ranges[-1][0] and start - (ranges[-1][0] + ranges[-1][1]) <= 16 * page:
-                                ranges[-1][1] = start + page - ranges[-1][0]  # close enough, same mapping: one call
+                            # Pages close enough in one mapping make one call; for writes only adjacent ones: a
+                            # page between them would be copied for nothing (and charged to the jail), and tens of
+                            # MiB of them for a plot's jail.
+                            gap = 0 if kind == "write" else 16 * page
+                            if ranges and lo <= ranges[-1][0] and start - (ranges[-1][0] + ranges[-1][1]) <= gap:
+                                ranges[-1][1] = start + page - ranges[-1][0]
                             else:
                                 ranges.append([start, page])
             os.write(w, json.dumps(touched).encode())
