@@ -165,7 +165,8 @@ const heapLimit = serverShare * 3 / 4
 // and the bench's cgroup peaks):
 //   - a slot's share of the warm pools, one jail per pool (plain, numpy, numpy+pandas, and those with
 //     matplotlib). Forked, a warm jail holds only its own pages: what it wrote, and the copies it prefaulted of
-//     its fork server's (7 to 25 MiB); cold, its whole interpreter: about 9, 18, 48 and 75 MiB.
+//     its fork server's (4, 5, 8 and 22 MiB at rest: 39 MiB for the four); cold, its whole interpreter: about 9,
+//     18, 48 and 75 MiB.
 //   - the fork servers, once: about 12, 24, 50 and 75 MiB, and one more while a replacement starts.
 const (
 	warmForkedPerSlot = 64 << 20
