@@ -264,6 +264,7 @@ def child(req, fds, plan, harness, prefault):
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | CLONE_NEWPID
     if plan["time_namespace"]:
         flags |= CLONE_NEWTIME
+        own_offsets = time_offsets()
     check(libc.unshare(flags), "unshare")
     # The fork server is not dumpable, which leaves /proc/self's files to root; a request's own process is, as a
     # cold jail's is. (Only now: a change of uid resets the flag.)
@@ -274,9 +275,10 @@ def child(req, fds, plan, harness, prefault):
             f.write(text)
     if plan["time_namespace"]:
         # The jail's monotonic and boot-time clocks start now (sandbox/clocks.go says why here): the offsets are
-        # set before PID 1, the first process in the namespace, is forked. The kernel wants them as whole seconds
+        # set before PID 1, the first process in the namespace, is forked. They are from the host's clocks: what
+        # this process reads, less the offsets of the namespace it is in. The kernel wants them as whole seconds
         # down and nanoseconds in [0, 1e9), which divmod of the negated time gives.
-        offsets = "".join("%s %d %d\n" % ((name,) + divmod(-time.clock_gettime_ns(clock), 10 ** 9))
+        offsets = "".join("%s %d %d\n" % ((name,) + divmod(-(time.clock_gettime_ns(clock) - own_offsets[name]), 10 ** 9))
                           for name, clock in (("monotonic", time.CLOCK_MONOTONIC), ("boottime", time.CLOCK_BOOTTIME)))
         with open("/proc/self/timens_offsets", "w") as f:
             f.write(offsets)
@@ -307,6 +309,13 @@ def child(req, fds, plan, harness, prefault):
     code = 128 - code if code < 0 else code  # as nsjail reports a signal
     os.write(5, code.to_bytes(4, "big"))
     os._exit(0)
+
+
+def time_offsets():
+    """The offsets of this process's time namespace from the host's clocks, in nanoseconds, by clock name."""
+    names = {"1": "monotonic", "7": "boottime", "monotonic": "monotonic", "boottime": "boottime"}
+    with open("/proc/self/timens_offsets") as f:
+        return {names[clock]: int(sec) * 10 ** 9 + int(nsec) for clock, sec, nsec in (line.split() for line in f)}
 
 
 def mount(source, target, fstype, flags, data=None):

@@ -228,7 +228,7 @@ def collect_outputs(inputs, max_files, max_bytes, max_path, max_cpu):
             cut = True  # a directory it cannot list: what is in it is not looked at
             return
         for name in names:
-            if time.thread_time() > budget:
+            if time.thread_time() >= budget:  # >=: a clock that has not moved (a coarse one) is no time at all
                 cut = True
                 return
             if name.startswith("."):
