@@ -3,6 +3,7 @@ package safepy
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -23,6 +24,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/internal/budget"
+	"github.com/safe-py/safepy/internal/testjail"
 	"github.com/safe-py/safepy/sandbox"
 	"github.com/safe-py/safepy/workload"
 )
@@ -39,16 +41,37 @@ func TestMain(m *testing.M) {
 	if f != nil && f.Value.String() != "" || w != nil && w.Value.String() == "true" {
 		os.Exit(m.Run()) // FuzzDecodeRequest needs no sandbox; every fuzz worker would start one for nothing
 	}
-	if _, err := Prepare(); err != nil {
+	// The jail definition for this machine (testjail); set in the environment, the way every server the tests
+	// start reads it, before the configuration is read.
+	tmp, err := os.MkdirTemp("", "safepy-test-")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(tmp)
+	runtimeDir := cmp.Or(os.Getenv("SAFEPY_RUNTIME_DIR"), ".runtime")
+	cfgPath, note, err := testjail.Config(cmp.Or(os.Getenv("SAFEPY_NSJAIL_CONFIG"), "nsjail.cfg"), runtimeDir, tmp)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "the service could not start (run `make test`): %v\n", err)
+		os.Exit(1)
+	}
+	fmt.Fprintf(os.Stderr, "safepy tests: %s\n", note)
+	os.Setenv("SAFEPY_NSJAIL_CONFIG", cfgPath)
+	svc, err := Prepare()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "the service could not start (run `make test`): %v\n", err)
+		os.Exit(1)
+	}
+	info := svc.runner.Info()
+	fmt.Fprintf(os.Stderr, "safepy tests: enforcement %s; jails %s %s\n", info.CgroupMode, info.Path, info.PathNote)
+	if want := os.Getenv("SAFEPY_TEST_CGROUP_MODE"); want != "" && (string(info.CgroupMode) != want || info.Path != "forked") {
+		fmt.Fprintf(os.Stderr, "safepy tests: SAFEPY_TEST_CGROUP_MODE wants %s with forked jails\n", want)
 		os.Exit(1)
 	}
 	srv = httptest.NewServer(http.HandlerFunc(Execute))
 	code := m.Run()
 	srv.Close()
-	if svc, _ := Prepare(); svc != nil {
-		svc.Close()
-	}
+	svc.Close()
+	os.RemoveAll(tmp)
 	os.Exit(code)
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/internal/proctree"
+	"github.com/safe-py/safepy/internal/testjail"
 	"github.com/safe-py/safepy/internal/testserver"
 )
 
@@ -42,6 +44,15 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "building the server: %v\n%s", err, out)
 		os.Exit(1)
 	}
+	// The jail definition for this machine (testjail), which testserver passes to every server it starts.
+	rt := cmp.Or(os.Getenv("SAFEPY_RUNTIME_DIR"), filepath.Join(testserver.Root(), ".runtime"))
+	cfg, note, err := testjail.Config(filepath.Join(testserver.Root(), "nsjail.cfg"), rt, dir)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "measuring the machine: %v\n", err)
+		os.Exit(1)
+	}
+	fmt.Fprintf(os.Stderr, "server tests: %s\n", note)
+	os.Setenv("SAFEPY_NSJAIL_CONFIG", cfg)
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -106,6 +117,9 @@ func TestLogs(t *testing.T) {
 	if len(ready) != 1 || ready[0]["cgroup_mode"] == nil || !strings.Contains(fmt.Sprint(ready[0]["versions"]), "nsjail 3.6") ||
 		!supportedPython.MatchString(fmt.Sprint(ready[0]["versions"])) {
 		t.Errorf("start-up entry: %v", ready)
+	}
+	if want := os.Getenv("SAFEPY_TEST_CGROUP_MODE"); want != "" && (len(ready) != 1 || ready[0]["cgroup_mode"] != want || ready[0]["jails"] != "forked") {
+		t.Errorf("SAFEPY_TEST_CGROUP_MODE wants %s with forked jails: %v", want, ready)
 	}
 	execs := s.Entries("execution")
 	if len(execs) != 2 {

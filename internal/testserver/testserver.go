@@ -59,8 +59,12 @@ func Start(t *testing.T, argv []string, env ...string) *Server {
 	}
 	port := FreePort(t)
 	cmd := exec.Command(argv[0], argv[1:]...)
+	jail := os.Getenv("SAFEPY_NSJAIL_CONFIG") // the test's own TestMain may have set one fit for this machine (testjail)
+	if jail == "" {
+		jail = filepath.Join(root, "nsjail.cfg")
+	}
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "PORT=" + port, "SAFEPY_RUNTIME_DIR=" + rt,
-		"SAFEPY_NSJAIL_CONFIG=" + filepath.Join(root, "nsjail.cfg")}, env...)
+		"SAFEPY_NSJAIL_CONFIG=" + jail}, env...)
 	stdout, _ := cmd.StdoutPipe()
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Start(); err != nil {
