@@ -34,6 +34,9 @@ type executeRequest struct {
 // header): a client that trickles its body is cut off instead of holding its connection and what it sent.
 var bodyRate = pace.Rate{Grace: 5 * time.Second, BytesPerSec: 64 << 10}
 
+// decodeCost is what checking and decoding a body may take besides the body itself, in multiples of its size.
+const decodeCost = 3
+
 // errBodyBudget is what reading a body returns when the service's budget has no room for its next bytes.
 var errBodyBudget = errors.New("the server is reading too many request bodies at once; retry later")
 
@@ -96,6 +99,11 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 		discard(w, r.Body, maxDiscard)
 		return tooLarge()
 	}
+	// Checking and decoding the body takes a few times its size for a moment (its tokens, the fields' raw text, the
+	// decoded strings): that is held too, and what the request keeps (its script and files) is what it holds after.
+	if !held.TryGrow(decodeCost * int64(len(body))) {
+		return executeRequest{}, http.StatusServiceUnavailable, &apiError{Type: "Overloaded", Message: errBodyBudget.Error()}
+	}
 	if !utf8.Valid(body) {
 		return invalid(http.StatusBadRequest, "request body is not valid UTF-8 (at byte %d)", invalidUTF8At(body))
 	}
@@ -135,7 +143,13 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 			return invalid(http.StatusBadRequest, "%s", msg)
 		}
 	}
-	return executeRequest{Script: []byte(script), Files: files}, 0, nil
+	req := executeRequest{Script: []byte(script), Files: files}
+	kept := int64(len(req.Script))
+	for _, f := range files {
+		kept += int64(len(f.Path) + len(f.Data))
+	}
+	held.Shrink(held.Bytes() - kept)
+	return req, 0, nil
 }
 
 // decodeFiles reads the request's files: an array of at most sandbox.MaxFiles objects, each exactly a relative
@@ -221,8 +235,18 @@ func invalidUTF8At(b []byte) int {
 // nothing but brackets would otherwise cost the decoder's stacks many times its size in memory, before any queue.
 const maxDepth = 32
 
-// checkJSON accepts exactly one JSON object whose objects, at every depth, have no duplicate keys, and whose
-// strings escape no lone surrogate. Errors are written for the client.
+// maxKeys bounds the keys of an object in a request body, and maxElements the elements of an array. The contract's
+// objects have two keys at most, its one array 64 elements (decodeFiles says so when there are more); a body of
+// nothing but distinct keys, or of empty objects in an array, would otherwise cost the checks and the decoder many
+// times its size in memory.
+const (
+	maxKeys     = 16
+	maxElements = 1024
+)
+
+// checkJSON accepts exactly one JSON object whose objects, at every depth, have no duplicate keys and at most
+// maxKeys keys, whose arrays have at most maxElements elements, and whose strings escape no lone surrogate. Errors
+// are written for the client.
 func checkJSON(body []byte) error {
 	if err := checkSurrogates(body); err != nil {
 		return err
@@ -230,11 +254,12 @@ func checkJSON(body []byte) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.UseNumber()
 	type frame struct {
-		object  bool
-		keys    map[string]bool
-		wantKey bool
+		object   bool
+		keys     map[string]bool
+		wantKey  bool
+		elements int
 	}
-	var stack []*frame
+	var stack []frame
 	first := true
 	for {
 		tok, err := dec.Token()
@@ -261,7 +286,7 @@ func checkJSON(body []byte) error {
 		}
 		top := (*frame)(nil)
 		if len(stack) > 0 {
-			top = stack[len(stack)-1]
+			top = &stack[len(stack)-1]
 		}
 		if top != nil && top.object && top.wantKey {
 			if d, ok := tok.(json.Delim); ok && d == '}' {
@@ -270,7 +295,10 @@ func checkJSON(body []byte) error {
 			}
 			key := tok.(string)
 			if top.keys[key] {
-				return fmt.Errorf("request body has a duplicate key %s", strconv.Quote(key))
+				return fmt.Errorf("request body has a duplicate key %s", strconv.Quote(clip(key, 100)))
+			}
+			if len(top.keys) == maxKeys {
+				return fmt.Errorf("request body has an object with more than %d keys", maxKeys)
 			}
 			if top.keys == nil { // made on an object's first key: an empty object costs no map
 				top.keys = map[string]bool{}
@@ -282,12 +310,17 @@ func checkJSON(body []byte) error {
 		if top != nil && top.object {
 			top.wantKey = true // this token is the value (or opens it)
 		}
+		if top != nil && !top.object && tok != json.Delim(']') {
+			if top.elements++; top.elements > maxElements {
+				return fmt.Errorf("request body has an array with more than %d elements", maxElements)
+			}
+		}
 		switch tok {
 		case json.Delim('{'), json.Delim('['):
 			if len(stack) >= maxDepth {
 				return fmt.Errorf("request body is nested deeper than %d levels", maxDepth)
 			}
-			stack = append(stack, &frame{object: tok == json.Delim('{'), wantKey: tok == json.Delim('{')})
+			stack = append(stack, frame{object: tok == json.Delim('{'), wantKey: tok == json.Delim('{')})
 		case json.Delim(']'):
 			stack = stack[:len(stack)-1]
 		}
