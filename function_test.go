@@ -636,10 +636,10 @@ func keyBomb(n int) string {
 
 func TestDecodingCostIsBounded(t *testing.T) {
 	for name, body := range map[string]string{
-		"brackets":      `{"script":"x","files":` + strings.Repeat("[", 2<<20-40) + `}`,
-		"objects":       `{"script":"x","a":` + strings.Repeat(`{"a":`, (2<<20-40)/5) + `}`,
-		"files entries": `{"script":"x","files":[` + strings.Repeat(`{},`, (2<<20-40)/3) + `{}]}`,
-		"distinct keys": `{"script":"x"` + keyBomb(2<<20-40) + `}`,
+		"brackets":             `{"script":"x","files":` + strings.Repeat("[", 2<<20-40) + `}`,
+		"objects":              `{"script":"x","a":` + strings.Repeat(`{"a":`, (2<<20-40)/5) + `}`,
+		"files entries":        `{"script":"x","files":[` + strings.Repeat(`{},`, (2<<20-40)/3) + `{}]}`,
+		"distinct keys":        `{"script":"x"` + keyBomb(2<<20-40) + `}`,
 		"distinct keys deeper": `{"script":"x","files":[{"path":"a","content":""` + keyBomb(2<<20-80) + `}]}`,
 	} {
 		t.Run(name, func(t *testing.T) {
