@@ -647,7 +647,7 @@ func TestDecodingCostIsBounded(t *testing.T) {
 			runtime.GC()
 			runtime.ReadMemStats(&before)
 			r := httptest.NewRequest(http.MethodPost, "/execute", strings.NewReader(body))
-			_, status, verr := decodeRequest(httptest.NewRecorder(), r, budget.New(64<<20).NewHold(), 2<<20, 1<<20, 4096)
+			_, status, verr := decodeRequest(httptest.NewRecorder(), r, budget.New(64<<20, 0, 0).NewHold(), 2<<20, 1<<20, 4096)
 			runtime.ReadMemStats(&after)
 			if verr == nil || status != 400 {
 				t.Fatalf("accepted: %d %v", status, verr)

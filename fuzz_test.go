@@ -27,7 +27,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		r := httptest.NewRequest(http.MethodPost, "/execute", bytes.NewReader(body))
 		w := httptest.NewRecorder()
-		req, status, verr := decodeRequest(w, r, budget.New(1<<20).NewHold(), maxBody, maxScript, 4096)
+		req, status, verr := decodeRequest(w, r, budget.New(1<<20, 0, 0).NewHold(), maxBody, maxScript, 4096)
 		script := req.Script
 		if verr != nil {
 			if verr.Type != "ValidationError" || (status != 400 && status != 413) || verr.Message == "" {

@@ -130,3 +130,36 @@ func TestClientDisconnectCancelsTheJob(t *testing.T) {
 		t.Fatalf("next request: %d %s", status, body)
 	}
 }
+
+// Requests that hold all of the memory budget's shared part (large answers read as slowly as the server allows,
+// here one hold that takes it all) leave every other request room for a small body and a small answer: each
+// connection's share of the reserve. Without the reserve, nine clients reading 15 MiB answers just fast enough made
+// most honest requests 503 for as long as they read.
+func TestAFullBudgetLeavesRoomForSmallRequests(t *testing.T) {
+	cfg, err := ConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(svc)
+	t.Cleanup(func() { ts.Close(); svc.Close() })
+	hog := svc.mem.NewHold()
+	defer hog.Release()
+	if shared, _ := svc.mem.Left(); !hog.TryGrow(shared) {
+		t.Fatal("could not take the shared part")
+	}
+	for i := 0; i < 5; i++ {
+		status, _, body, err := postTo(context.Background(), ts.URL, scriptBody(fmt.Sprintf("def main():\n    print('x' * 1000)\n    return %d\n", i)))
+		if err != nil || status != 200 {
+			t.Fatalf("a small request beside a full budget: %d %s %v", status, body, err)
+		}
+	}
+	// A large one does not fit: it gets 503 and a Retry-After, never an unbounded buffer.
+	status, header, _, _ := postTo(context.Background(), ts.URL, scriptBody("def main():\n    return 'a' * 500000\n"))
+	if status != 503 || header.Get("Retry-After") == "" {
+		t.Fatalf("a large answer with no room for it: %d", status)
+	}
+}

@@ -36,9 +36,14 @@ type Service struct {
 
 // memoryBudget bounds what the server holds for its clients at once: request bodies as they arrive and while
 // their scripts wait and run, and answers until they are written. Many clients sending large bodies, or not reading
-// large answers, together get 503 rather than the server's memory. It is at least a few of the largest body and
-// answer the caps allow.
-const memoryBudget = 64 << 20
+// large answers, together get 503 rather than the server's memory. It holds at least two of the largest body or
+// answer the caps allow. Besides it, each connection has smallHold of a reserve for its own request (see package
+// budget): a small body and a small answer, the ordinary request's, always find room, however many large ones hold
+// the rest.
+const (
+	memoryBudget = 64 << 20
+	smallHold    = 64 << 10
+)
 
 // answerWait bounds how long an answer waits for room in the budget, holding its slot, before the request gets
 // 503: answers being written free their room as their clients read them, or within seconds when they do not.
@@ -105,8 +110,10 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
-	largest := max(cfg.MaxBodyBytes, (&answer{}).size()+2*runner.MaxOutcomeBytes())
-	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, mem: budget.New(max(memoryBudget, 4*largest))}
+	// The largest a request can hold: its body while it is decoded, or its answer (a compacted copy of its result
+	// too) at the caps.
+	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(cfg.Sandbox.MaxResultBytes))
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, mem: budget.New(max(memoryBudget, 2*largest), smallHold, cfg.MaxConns)}
 	s.ready.Store(true)
 	return s, nil
 }

@@ -30,9 +30,10 @@ type Limiter struct {
 }
 
 type conn struct {
-	c    net.Conn
-	held int // holds of handlers working for the connection's requests: it is never closed to make room
-	elem *list.Element
+	c      net.Conn
+	held   int // holds of handlers working for the connection's requests: it is never closed to make room
+	active int // requests inside the handler (receiving a body, waiting, being answered)
+	elem   *list.Element
 }
 
 // New returns a Limiter that keeps at most max connections open.
@@ -73,12 +74,16 @@ func (l *Limiter) admit(c net.Conn) bool {
 	l.mu.Lock()
 	var victim net.Conn
 	if len(l.conns) >= l.max {
-		for e := l.order.Front(); e != nil; e = e.Next() {
-			if v := e.Value.(*conn); v.held == 0 {
-				victim = v.c
-				l.removeLocked(v)
-				l.evicted++
-				break
+		// The oldest idle one (or still sending its header) first; only if there is none, the oldest in the middle
+		// of a request the server is not working for (a body on its way, an answer being read): clients that just
+		// open connections make room among themselves, not at the cost of a transfer under way.
+		for _, transfers := range []bool{false, true} {
+			for e := l.order.Front(); e != nil && victim == nil; e = e.Next() {
+				if v := e.Value.(*conn); v.held == 0 && (v.active == 0 || transfers) {
+					victim = v.c
+					l.removeLocked(v)
+					l.evicted++
+				}
 			}
 		}
 		if victim == nil {
@@ -129,12 +134,13 @@ func (l *Limiter) ConnContext(ctx context.Context, c net.Conn) context.Context {
 	return context.WithValue(ctx, ctxKey{}, connRef{l, c})
 }
 
-// Handler counts every request as activity on its connection: a connection that just began a request is the
-// last to be closed to make room.
+// Handler counts the requests inside the handler: a connection in the middle of one is closed to make room only
+// when no idle one is left, and one that just began a request is the last of those.
 func (l *Limiter) Handler(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if ref, ok := r.Context().Value(ctxKey{}).(connRef); ok {
-			l.mark(ref.c, 0)
+			l.activate(ref.c, +1)
+			defer l.activate(ref.c, -1)
 		}
 		h.ServeHTTP(w, r)
 	})
@@ -152,6 +158,18 @@ func Hold(ctx context.Context) (release func()) {
 	ref.l.mark(ref.c, +1)
 	var once sync.Once
 	return func() { once.Do(func() { ref.l.mark(ref.c, -1) }) }
+}
+
+// activate changes how many requests a connection has inside the handler, and makes it the most recently active.
+func (l *Limiter) activate(c net.Conn, delta int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if cc := l.conns[c]; cc != nil {
+		cc.active += delta
+		if cc.elem != nil {
+			l.order.MoveToBack(cc.elem)
+		}
+	}
 }
 
 // mark changes a connection's holds by delta and makes it the most recently active.

@@ -171,3 +171,38 @@ func TestBusyConnectionsAreKept(t *testing.T) {
 		}
 	}
 }
+
+// At the cap, idle connections make room before a transfer under way: a client that opens connections and sends
+// nothing cannot cut off a body being sent or an answer being read, however long ago they began.
+func TestIdleConnectionsGoBeforeTransfers(t *testing.T) {
+	for _, state := range []string{"body", "writing"} {
+		t.Run(state, func(t *testing.T) {
+			addr, l, _, entered := serveEntered(t, 4)
+			hold(t, addr, state)
+			<-entered
+			for i := 0; i < 3; i++ {
+				hold(t, addr, "half")
+			}
+			waitOpen(t, l, 4)
+			for i := 0; i < 5; i++ { // new connections, each sending nothing: they make room among themselves
+				hold(t, addr, "half")
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+					if _, evicted, _ := l.Counts(); evicted == i+1 {
+						break
+					} else if time.Now().After(deadline) {
+						t.Fatalf("%d evicted, want %d", evicted, i+1)
+					}
+				}
+			}
+			l.mu.Lock()
+			transfers := 0
+			for _, c := range l.conns {
+				transfers += c.active
+			}
+			l.mu.Unlock()
+			if transfers != 1 {
+				t.Fatal("the transfer under way was closed to make room for idle connections")
+			}
+		})
+	}
+}

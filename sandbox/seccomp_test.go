@@ -57,12 +57,25 @@ def main():
         # the kernel's own EBADF, EINVAL or EFAULT, not the filter's answer.
         r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(-1)] * 6)
         out[name] = ctypes.get_errno() if r == -1 else "returned %d" % r
-    for name, family in (("AF_PACKET", 17), ("AF_ALG", 38), ("AF_VSOCK", 40)):
+    for name, family, kind, proto in (("AF_PACKET", 17, socket.SOCK_DGRAM, 0), ("AF_ALG", 38, socket.SOCK_DGRAM, 0),
+                                      ("AF_VSOCK", 40, socket.SOCK_DGRAM, 0), ("MPTCP", 2, socket.SOCK_STREAM, 262),
+                                      ("UDP-Lite", 10, socket.SOCK_DGRAM, 136), ("netlink audit", 16, socket.SOCK_RAW, 9),
+                                      ("generic netlink", 16, socket.SOCK_RAW, 16)):
         try:
-            socket.socket(family, socket.SOCK_DGRAM).close()
+            socket.socket(family, kind, proto).close()
             out["socket " + name] = "allowed"
         except OSError as e:
             out["socket " + name] = e.errno
+    import fcntl
+    for name, cmd in (("F_NOTIFY", 1026), ("F_SETLEASE", 1024)):
+        try:
+            fcntl.fcntl(os.open("/sandbox", os.O_RDONLY), cmd, 0)
+            out["fcntl " + name] = "allowed"
+        except OSError as e:
+            out["fcntl " + name] = e.errno
+    region = mmap.mmap(-1, 4096)
+    r = libc.madvise(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(region))), ctypes.c_size_t(4096), 12)
+    out["madvise MADV_MERGEABLE"] = ctypes.get_errno() if r == -1 else "allowed"
     out["int 0x80"] = int80()
     return out
 `
@@ -70,13 +83,14 @@ def main():
 	for _, name := range []string{"mount_setattr", "quotactl_fd", "open_tree_attr", "fsopen", "move_mount", "mount",
 		"unshare", "setns", "ptrace", "process_vm_readv", "add_key", "keyctl", "request_key", "bpf", "perf_event_open",
 		"userfaultfd", "io_uring_setup", "kexec_load", "init_module", "finit_module", "open_by_handle_at", "memfd_secret",
-		"io_pgetevents"} {
+		"io_pgetevents", "fcntl F_NOTIFY", "fcntl F_SETLEASE", "madvise MADV_MERGEABLE"} {
 		want[name] = float64(unix.EPERM)
 	}
 	for _, name := range []string{"pidfd_getfd", "pidfd_open", "process_madvise", "landlock_create_ruleset",
 		"personality", "seccomp", "prctl", "sched_setattr", "setgid", "setresuid", "capset", "sethostname", "clone3",
 		"faccessat2", "statx", "epoll_pwait2", "1023 (past the last call)", "x32 read", "x32 unshare",
-		"socket AF_PACKET", "socket AF_ALG", "socket AF_VSOCK"} {
+		"socket AF_PACKET", "socket AF_ALG", "socket AF_VSOCK", "socket MPTCP", "socket UDP-Lite",
+		"socket netlink audit", "socket generic netlink"} {
 		want[name] = float64(unix.ENOSYS)
 	}
 	onBothPaths(t, func(t *testing.T) {
@@ -631,6 +645,13 @@ def main():
     tr("sched_getaffinity", lambda: os.sched_getaffinity(0))
     tr("times", lambda: os.times())
     tr("memfd", lambda: os.memfd_create("x"))
+    tr("get_clock_info", lambda: time.get_clock_info("process_time"))
+    tr("sigpending", lambda: signal.sigpending())
+    tr("sigtimedwait", lambda: signal.sigtimedwait([signal.SIGUSR1], 0))
+    tr("writev", lambda: os.writev(fd, [b"a", b"b"]))
+    tr("preadv", lambda: os.preadv(fd, [bytearray(2)], 0))
+    tr("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+    tr("netlink route", lambda: socket.if_nameindex())
     tr("mlock", lambda: __import__("ctypes").CDLL(None, use_errno=True).mlock(0, 0) == 0 or (_ for _ in ()).throw(OSError(__import__("ctypes").get_errno(), "")))
     return {k: v for k, v in out.items() if v != "ok"}
 `)

@@ -1,7 +1,12 @@
 // Package budget bounds the bytes a server holds in memory for its clients at once: request bodies as they arrive
-// and answers until they are written. Holders take bytes and give them back; a holder that cannot have what it
-// needs waits (within its context) or is refused, and the server's memory stays within the budget whatever its
-// clients do.
+// and answers until they are written. Each client's request has a hold on the budget that grows and shrinks with
+// what it needs; a hold that cannot have more waits (within its context) or is refused, and the server's memory
+// stays within the budget whatever its clients do.
+//
+// The budget has two parts. A hold's first bytes (up to a small amount) come from a reserve sized for as many holds
+// as can exist at once (one per connection), the rest from a shared part. So clients that take all of the shared
+// part (with large answers they read as slowly as they may, say) leave every other request room for a small body
+// and a small answer: the ordinary request, which one slow client cannot lock out.
 package budget
 
 import (
@@ -10,57 +15,87 @@ import (
 	"sync"
 )
 
-// ErrTooLarge is returned by Take for a request larger than the whole budget: no wait would help.
+// ErrTooLarge is returned by Resize for a hold larger than the whole budget: no wait would help.
 var ErrTooLarge = errors.New("more than the whole budget")
 
-// Budget is a number of bytes that holders take and give back. It is safe for concurrent use.
+// Budget is a number of bytes that holds take and give back. It is safe for concurrent use.
 type Budget struct {
-	size int64
+	shared, perHold, reserve int64
 
-	mu    sync.Mutex
-	left  int64
-	freed chan struct{} // closed, and replaced, whenever bytes are given back: waiters look again
+	mu                      sync.Mutex
+	sharedLeft, reserveLeft int64
+	freed                   chan struct{} // closed, and replaced, whenever bytes are given back: waiters look again
 }
 
-// New returns a budget of size bytes.
-func New(size int64) *Budget { return &Budget{size: size, left: size, freed: make(chan struct{})} }
-
-// Size is the whole budget.
-func (b *Budget) Size() int64 { return b.size }
-
-// Left is what is not taken now.
-func (b *Budget) Left() int64 {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.left
+// New returns a budget of shared bytes, and a reserve of perHold bytes for each of holds holds at once.
+func New(shared, perHold int64, holds int) *Budget {
+	reserve := perHold * int64(holds)
+	return &Budget{shared: shared, perHold: perHold, reserve: reserve, sharedLeft: shared, reserveLeft: reserve,
+		freed: make(chan struct{})}
 }
 
-// TryTake takes n bytes if they are free now, and reports whether it did.
-func (b *Budget) TryTake(n int64) bool {
+// Size is the whole budget, reserve included.
+func (b *Budget) Size() int64 { return b.shared + b.reserve }
+
+// Left is what is not taken now, of the shared part and of the reserve.
+func (b *Budget) Left() (shared, reserve int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if n > b.left {
+	return b.sharedLeft, b.reserveLeft
+}
+
+// Hold is what one holder has of a budget. Not safe for concurrent use: one holder, one goroutine.
+type Hold struct {
+	b                *Budget
+	shared, reserved int64 // what it has of each part
+}
+
+// NewHold returns an empty hold.
+func (b *Budget) NewHold() *Hold { return &Hold{b: b} }
+
+// Bytes is what the hold has.
+func (h *Hold) Bytes() int64 { return h.shared + h.reserved }
+
+// tryLocked takes n more bytes if they are free: from the reserve up to the hold's share of it, the rest from the
+// shared part. Called with b.mu held.
+func (h *Hold) tryLocked(n int64) bool {
+	b := h.b
+	fromReserve := min(n, b.perHold-h.reserved, b.reserveLeft)
+	if n-fromReserve > b.sharedLeft {
 		return false
 	}
-	b.left -= n
+	b.reserveLeft -= fromReserve
+	b.sharedLeft -= n - fromReserve
+	h.reserved += fromReserve
+	h.shared += n - fromReserve
 	return true
 }
 
-// Take takes n bytes, waiting until they are free or ctx ends (ctx's error). A request larger than the whole budget
-// is refused at once with ErrTooLarge.
-func (b *Budget) Take(ctx context.Context, n int64) error {
-	if n > b.size {
+// TryGrow takes n more bytes if they are free now.
+func (h *Hold) TryGrow(n int64) bool {
+	h.b.mu.Lock()
+	defer h.b.mu.Unlock()
+	return h.tryLocked(n)
+}
+
+// Resize makes the hold exactly n bytes: what it has beyond n is given back at once; what it lacks is waited for
+// within ctx (ctx's error if it ends first). A hold larger than the whole budget is refused at once (ErrTooLarge).
+func (h *Hold) Resize(ctx context.Context, n int64) error {
+	if n <= h.Bytes() {
+		h.Shrink(h.Bytes() - n)
+		return nil
+	}
+	if n-min(n, h.b.perHold) > h.b.shared {
 		return ErrTooLarge
 	}
 	for {
-		b.mu.Lock()
-		if n <= b.left {
-			b.left -= n
-			b.mu.Unlock()
+		h.b.mu.Lock()
+		if h.tryLocked(n - h.Bytes()) {
+			h.b.mu.Unlock()
 			return nil
 		}
-		freed := b.freed
-		b.mu.Unlock()
+		freed := h.b.freed
+		h.b.mu.Unlock()
 		select {
 		case <-freed:
 		case <-ctx.Done():
@@ -69,61 +104,24 @@ func (b *Budget) Take(ctx context.Context, n int64) error {
 	}
 }
 
-// Give gives back n bytes taken before.
-func (b *Budget) Give(n int64) {
-	if n == 0 {
+// Shrink gives back n bytes of the hold (at most what it has): of the shared part first, so that the hold keeps
+// its share of the reserve as long as it holds anything.
+func (h *Hold) Shrink(n int64) {
+	n = min(n, h.Bytes())
+	if n <= 0 {
 		return
 	}
+	b := h.b
 	b.mu.Lock()
-	b.left += n
+	fromShared := min(n, h.shared)
+	h.shared -= fromShared
+	h.reserved -= n - fromShared
+	b.sharedLeft += fromShared
+	b.reserveLeft += n - fromShared
 	close(b.freed)
 	b.freed = make(chan struct{})
 	b.mu.Unlock()
 }
 
-// Hold is what one holder has of a budget: it grows and shrinks to what the holder needs, and is given back in one
-// call when the holder is done. Not safe for concurrent use: one holder, one goroutine.
-type Hold struct {
-	b *Budget
-	n int64
-}
-
-// NewHold returns an empty hold on b.
-func (b *Budget) NewHold() *Hold { return &Hold{b: b} }
-
-// Bytes is what the hold has.
-func (h *Hold) Bytes() int64 { return h.n }
-
-// TryGrow takes n more bytes if they are free now.
-func (h *Hold) TryGrow(n int64) bool {
-	if !h.b.TryTake(n) {
-		return false
-	}
-	h.n += n
-	return true
-}
-
-// Resize makes the hold exactly n bytes: what it has beyond n is given back at once; what it lacks is waited
-// for within ctx.
-func (h *Hold) Resize(ctx context.Context, n int64) error {
-	if n <= h.n {
-		h.b.Give(h.n - n)
-		h.n = n
-		return nil
-	}
-	if err := h.b.Take(ctx, n-h.n); err != nil {
-		return err
-	}
-	h.n = n
-	return nil
-}
-
-// Shrink gives back n bytes of the hold (at most what it has).
-func (h *Hold) Shrink(n int64) {
-	n = min(n, h.n)
-	h.b.Give(n)
-	h.n -= n
-}
-
 // Release gives everything back.
-func (h *Hold) Release() { h.Shrink(h.n) }
+func (h *Hold) Release() { h.Shrink(h.Bytes()) }
