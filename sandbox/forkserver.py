@@ -306,7 +306,10 @@ def child(req, fds, plan, harness, prefault):
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
-    code = 128 - code if code < 0 else code  # as nsjail reports a signal
+    # PID 1 reports how the script ended in its exit status (128 + a signal that ended the script); PID 1 itself
+    # ended by a signal (the init of a PID namespace takes none from inside it: from the host, or the OOM killer)
+    # is told apart, as 256 + the signal, as nsjail's log tells it apart for a cold jail.
+    code = 256 - code if code < 0 else code
     os.write(5, code.to_bytes(4, "big"))
     os._exit(0)
 

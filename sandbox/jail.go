@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -348,6 +349,10 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 		logBytes, _ = j.nslog.wait()
 	}
 	obs := j.observe(res, timedOut)
+	if j.cmd != nil {
+		// nsjail says whether the jail's init exited (with the script's status) or was itself killed.
+		obs.initKilled = bytes.Contains(logBytes, []byte(") terminated with signal: "))
+	}
 	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
 	out.PeakMemory = j.cg.memoryPeak()
 	if err := j.release(); err != nil && ctxErr == nil {
@@ -375,6 +380,9 @@ func (j *jail) observe(res resultRead, timedOut bool) observation {
 	select {
 	case <-j.done:
 		obs.exitCode = j.exit
+		if j.cmd == nil && j.exit >= 256 { // a forked jail's supervisor's account of an init killed by a signal
+			obs.exitCode, obs.initKilled = j.exit-256+128, true
+		}
 	default: // still running: a complete frame decides alone
 	}
 	obs.oomKilled, obs.pidsMax = j.cg.events()

@@ -75,16 +75,17 @@ type Timing struct {
 
 // observation is everything the Go side saw of one jail, the only input to classify.
 type observation struct {
-	started   bool
-	stalled   bool   // the jail did not come up within the start-up timeout and was killed
-	frame     []byte // a complete frame from the result channel: the kind byte and the payload
-	truncated bool   // the frame's header declared a payload longer than its cap
-	files     []byte // the files frame's payload, if there was one
-	exitCode  int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
-	timedOut  bool   // the Go side's wall-clock deadline fired
-	oomKilled bool   // the cgroup saw the OOM killer
-	pidsMax   bool   // the cgroup refused a fork at its process limit
-	rlimits   bool   // limits were enforced by rlimits, so there are no cgroup events to read
+	started    bool
+	stalled    bool   // the jail did not come up within the start-up timeout and was killed
+	frame      []byte // a complete frame from the result channel: the kind byte and the payload
+	truncated  bool   // the frame's header declared a payload longer than its cap
+	files      []byte // the files frame's payload, if there was one
+	exitCode   int    // nsjail's exit code: the harness init's status, 128+signal when the script was signalled
+	initKilled bool   // the jail's init itself ended by a signal, which nothing inside the jail can send it
+	timedOut   bool   // the Go side's wall-clock deadline fired
+	oomKilled  bool   // the cgroup saw the OOM killer
+	pidsMax    bool   // the cgroup refused a fork at its process limit
+	rlimits    bool   // limits were enforced by rlimits, so there are no cgroup events to read
 }
 
 // errorFrame is what the harness reports when the script did not return a serializable value.
@@ -168,6 +169,9 @@ func classifyResult(o observation, l Limits, maxResult int) (json.RawMessage, er
 	if o.exitCode < 0 {
 		// A forked jail's supervisor ended without a status: its fork server died under it.
 		return nil, fmt.Errorf("%w: the jail ended without an exit status", ErrSandbox)
+	}
+	if o.initKilled {
+		return nil, fmt.Errorf("%w: the jail's init was killed from outside the jail (exit status %d)", ErrSandbox, o.exitCode)
 	}
 	if e := limitOnTheWay(); e != nil {
 		return nil, e

@@ -1,8 +1,16 @@
 package sandbox
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/safe-py/safepy/internal/proctree"
 )
 
 // The result arrives byte for byte as Python's json.dumps wrote it: no float64 round trip anywhere.
@@ -169,6 +177,40 @@ func TestTwoHundredMiB(t *testing.T) {
 		got, _ := mustRun(t, "def main():\n    a = bytearray(200 << 20)\n    for i in range(0, len(a), 4096):\n        a[i] = 1\n    return len(a)\n")
 		if got != "209715200" {
 			t.Fatalf("got %s", got)
+		}
+	})
+}
+
+// A jail's init killed from the host (or by anything outside the jail: nothing inside can signal it) is the
+// sandbox's failure, not the script's: its answer must not blame the script with "killed by signal 9".
+func TestAnInitKilledFromOutsideIsTheSandboxs(t *testing.T) {
+	onBothPaths(t, func(t *testing.T) {
+		token := fmt.Sprintf("init-killed-%d", time.Now().UnixNano())
+		done := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_, err := runner.Run(ctx, []byte(fmt.Sprintf("import subprocess, time\ndef main():\n    subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(60)', %q])\n    time.sleep(60)\n", token)))
+			done <- err
+		}()
+		var marker []proctree.Proc
+		for deadline := time.Now().Add(20 * time.Second); len(marker) == 0; time.Sleep(5 * time.Millisecond) {
+			if marker = proctree.Live(os.Getpid(), token); time.Now().After(deadline) {
+				t.Fatal("the script did not start")
+			}
+		}
+		// The marker's parent is the script's process; its parent, the jail's init.
+		procs := map[int]proctree.Proc{}
+		for _, p := range proctree.Descendants(os.Getpid()) {
+			procs[p.PID] = p
+		}
+		init := procs[procs[marker[0].PPID].PPID]
+		if init.PID == 0 || init.UID != marker[0].UID {
+			t.Fatalf("not the jail's init: %+v (the marker: %+v)", init, marker[0])
+		}
+		syscall.Kill(init.PID, syscall.SIGKILL)
+		if err := <-done; !errors.Is(err, ErrSandbox) || !strings.Contains(err.Error(), "killed from outside") {
+			t.Fatalf("got %v, want the sandbox's failure", err)
 		}
 	})
 }
