@@ -274,9 +274,11 @@ func (p *pool) forkAhead(ctx context.Context) bool {
 	p.mu.Lock()
 	closed := p.closed
 	// Also while requests come back to back, if they come far enough apart for a prefaulted jail to be ready
-	// before the next one (a plot takes tens of milliseconds; its jail copies what it would otherwise copy on the
-	// request's time, while the previous request runs on another CPU).
-	prefault := p.hold || time.Since(p.lastTake) > seldom || p.prefaultTook > 0 && p.gap > 2*p.prefaultTook
+	// before a request takes it: the pool keeps size jails ready or forming, so the one forked now is taken about
+	// size requests from now (with a quarter to spare). A plot's request takes tens of milliseconds; its jail then
+	// copies, while the requests before it run, what its script would otherwise copy on its own time.
+	prefault := p.hold || time.Since(p.lastTake) > seldom ||
+		p.prefaultTook > 0 && p.gap*time.Duration(p.size) > p.prefaultTook*5/4
 	p.mu.Unlock()
 	if closed || ctx.Err() != nil {
 		return false
