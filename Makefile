@@ -28,10 +28,23 @@ test: runtime vet
 # Run's second generation have: each test binary runs in a User-mode Linux guest (.ci/uml), two guests at once, one
 # per CPU. The first run on a machine builds the guest's kernel from Debian's sources (some 7 minutes) and caches it.
 # The tests fail unless the sandbox in the guest enforces its limits with cgroup v2 and forks its jails.
+# Every test runs with the server in the root cgroup (a VM); the limits, the clean-up and the server's own tests run
+# again in the two other places a server finds itself: alone in a container's cgroup, behind a cgroup namespace
+# (Docker, Cloud Run), and in a systemd service's delegated subtree (a developer's `make run`).
 V2_PACKAGES ?= . ./sandbox ./cmd/server
+V2_SHAPE_TESTS ?= TestScriptErrors|TestSameMemoryOnEveryPath|TestCloseLeavesNothing|TestADeadForkServerIsReleasedAtOnce|TestForkBombDoesNotReachOtherJails|TestLimitsDoNotDependOnLoad|TestNothingSurvivesIntoTheNextRequest|TestEachJailIsAUserOfItsOwn|TestLogs|TestSIGTERM
+# The log keeps each package's counts, its TestMain's lines (the detected cgroup mode, whether jails forked, the
+# jails' time factor) and every failure in full (.ci/uml/summarize).
+V2_TEST = set -o pipefail; SAFEPY_TEST_CGROUP_MODE=cgroup-v2 $(GO) test -v -count=1 -exec "$(CURDIR)/.ci/uml/exec"
+V2_LOG = 2>&1 | .ci/uml/summarize
 test-v2: runtime
 	@.ci/uml/kernel >/dev/null
-	SAFEPY_TEST_CGROUP_MODE=cgroup-v2 $(GO) test -p 2 -count=1 -timeout 25m -exec "$(CURDIR)/.ci/uml/exec" $(V2_PACKAGES)
+	@echo "cgroup v2, the server in the root cgroup (a VM): every test"
+	@$(V2_TEST) -p 2 -timeout 25m $(V2_PACKAGES) $(V2_LOG)
+	@echo "cgroup v2, the server alone in a container's cgroup, behind a cgroup namespace"
+	@SAFEPY_UML_RUN_ARGS="-n -g container" $(V2_TEST) -p 2 -timeout 10m -run '$(V2_SHAPE_TESTS)' ./sandbox ./cmd/server $(V2_LOG)
+	@echo "cgroup v2, the server in a systemd service's delegated subtree"
+	@SAFEPY_UML_RUN_ARGS="-g system.slice/safepy.service" $(V2_TEST) -p 2 -timeout 10m -run '$(V2_SHAPE_TESTS)' ./sandbox ./cmd/server $(V2_LOG)
 
 # Each fuzz target for a short, fixed time, starting from the seed corpus checked in under testdata/fuzz.
 fuzz: runtime

@@ -269,26 +269,27 @@ func setupV2(mounts []cgroupMount) (*cgroups, error) {
 	}
 	const want = "+memory +pids +cpu"
 	if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
-		// cgroup v2 lets a cgroup either hold processes or hand controllers to children. If this process is what
-		// holds it back, move this process (and only it) into a leaf of its own, and put it back on failure.
+		// cgroup v2 lets a cgroup other than the root either hold processes or hand controllers to children
+		// (the "no internal processes" rule). This process's cgroup is its own (a container's, or a service's
+		// delegated subtree) but holds processes, this one and maybe an init or a shell that started it: move
+		// them all into a leaf, as a container's init does, and put back what moved on failure.
 		if !errors.Is(err, syscall.EBUSY) {
 			return nil, fmt.Errorf("enabling controllers in %s: %w", home, err)
 		}
 		leaf := filepath.Join(home, "safepy-server")
 		created := os.Mkdir(leaf, 0o755) == nil
-		pid := strconv.Itoa(os.Getpid())
-		if err := writeFile(filepath.Join(leaf, "cgroup.procs"), pid); err != nil {
-			if created {
-				os.Remove(leaf)
-			}
-			return nil, fmt.Errorf("moving the server into %s: %w", leaf, err)
+		moved, err := moveProcesses(home, leaf)
+		if err == nil {
+			err = writeFile(filepath.Join(home, "cgroup.subtree_control"), want)
 		}
-		if err := writeFile(filepath.Join(home, "cgroup.subtree_control"), want); err != nil {
-			_ = writeFile(filepath.Join(home, "cgroup.procs"), pid)
+		if err != nil {
+			for _, pid := range moved {
+				_ = writeFile(filepath.Join(home, "cgroup.procs"), pid)
+			}
 			if created {
 				os.Remove(leaf)
 			}
-			return nil, fmt.Errorf("enabling controllers in %s (other processes share it?): %w", home, err)
+			return nil, fmt.Errorf("moving the processes of %s into %s to enable its controllers: %w", home, leaf, err)
 		}
 	}
 	safepy := filepath.Join(home, "safepy")
@@ -308,6 +309,34 @@ func setupV2(mounts []cgroupMount) (*cgroups, error) {
 		return nil, fmt.Errorf("enabling controllers in %s: %w", base, err)
 	}
 	return &cgroups{mode: CgroupV2, v2: base}, nil
+}
+
+// moveProcesses moves every process of the cgroup from into the cgroup to, this one first, until from holds none
+// (a process may fork meanwhile). Processes that exit meanwhile are skipped.
+func moveProcesses(from, to string) (moved []string, err error) {
+	self := strconv.Itoa(os.Getpid())
+	if err := writeFile(filepath.Join(to, "cgroup.procs"), self); err != nil {
+		return nil, err
+	}
+	moved = append(moved, self)
+	for range 100 {
+		data, err := os.ReadFile(filepath.Join(from, "cgroup.procs"))
+		if err != nil {
+			return moved, err
+		}
+		pids := strings.Fields(string(data))
+		if len(pids) == 0 {
+			return moved, nil
+		}
+		for _, pid := range pids {
+			if err := writeFile(filepath.Join(to, "cgroup.procs"), pid); err == nil {
+				moved = append(moved, pid)
+			} else if !errors.Is(err, syscall.ESRCH) {
+				return moved, err
+			}
+		}
+	}
+	return moved, fmt.Errorf("%s keeps gaining processes", from)
 }
 
 // limitAll caps the memory of all jails together, so that a full house of scripts at their limits cannot push
@@ -463,6 +492,24 @@ func (j *jailCgroup) memoryPeak() int64 {
 // memoryUsage is what the cgroup holds now.
 func (j *jailCgroup) memoryUsage() int64 {
 	return j.memoryFile("memory.current", "memory.usage_in_bytes")
+}
+
+// memoryHeld is what the cgroup holds now that the kernel would not reclaim for another cgroup's need: its usage
+// less the page cache of files and (v2) the reclaimable kernel caches (dentries, inodes). Those are charged to
+// whichever cgroup read a file first, which for the libraries every jail maps is a fork server, and a cold jail
+// that finds them cached pays nothing for them; it is no part of a jail's share of its fork server.
+func (j *jailCgroup) memoryHeld() int64 {
+	if j == nil {
+		return 0
+	}
+	stat := filepath.Join(j.dirs[""], "memory.stat")
+	file := "file"
+	if j.mode == CgroupV1 {
+		stat, file = filepath.Join(j.dirs["memory"], "memory.stat"), "cache"
+	}
+	// tmpfs pages are counted as files, and are not reclaimed (without swap).
+	reclaimable := counter(stat, file) - counter(stat, "shmem") + counter(stat, "slab_reclaimable")
+	return j.memoryUsage() - max(reclaimable, 0)
 }
 
 // memoryFile reads a number from the cgroup's memory controller: v2's file or v1's; 0 if it cannot.

@@ -126,14 +126,16 @@ func cpuLimitFromArrival(t *testing.T, forked bool) {
 	if err != nil || !out.Warm {
 		t.Fatalf("%s %v warm=%v", out.Result, err, out.Warm)
 	}
-	// The preload spent some CPU; the limit is that plus 3 s, rounded up, with the kill a second later.
+	// The preload spent some CPU; the limit is that plus the jail's (nsjail.cfg's 3 s, or testjail's), rounded up,
+	// with the kill a second later.
 	var soft, hard int
 	var used float64
 	fields := strings.NewReplacer("[", " ", "]", " ", ",", " ").Replace(string(out.Result))
 	if _, err := fmt.Sscan(fields, &soft, &hard, &used); err != nil {
 		t.Fatalf("%s: %v", out.Result, err)
 	}
-	if soft < 3 || float64(soft) < used+3 || float64(soft) > used+4 || hard != soft+1 {
+	limit := float64(r.limits.CPUSeconds)
+	if float64(soft) < limit || float64(soft) < used+limit || float64(soft) > used+limit+1 || hard != soft+1 {
 		t.Fatalf("RLIMIT_CPU (%d, %d) after %.2fs of preload", soft, hard, used)
 	}
 }

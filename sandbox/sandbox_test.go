@@ -105,7 +105,7 @@ func TestScriptErrors(t *testing.T) {
 			{"NaN", "def main():\n    return float('nan')\n", SerializationError, "", "main() must return JSON-serializable data"},
 			{"Infinity", "def main():\n    return [float('inf')]\n", SerializationError, "", "main() must return JSON-serializable data"},
 			{"DataFrame", "import pandas as pd\ndef main():\n    return pd.DataFrame({'a': [1]})\n", SerializationError, "", "main() must return JSON-serializable data"},
-			{"wall time", "def main():\n    while True:\n        pass\n", TimeoutError, LimitWall, "wall-clock limit of 3s"},
+			{"wall time", "def main():\n    while True:\n        pass\n", TimeoutError, LimitWall, fmt.Sprintf("wall-clock limit of %s", runner.limits.Wall)},
 			{"memory", "def main():\n    x = bytearray(300 << 20)\n    for i in range(0, len(x), 4096):\n        x[i] = 1\n", ResourceLimitError, LimitMemory, "memory limit of 256 MiB"},
 			{"file size", "def main():\n    open('/sandbox/big', 'wb').write(b'x' * (11 << 20))\n", ResourceLimitError, LimitFileSize, "file size limit of 10 MiB"},
 			{"processes", "import subprocess\ndef main():\n    ps = [subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(30)']) for _ in range(100)]\n", ResourceLimitError, LimitProcesses, "process limit of 64"},

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"os"
 	"sort"
 	"strings"
 	"testing"
@@ -99,10 +100,22 @@ def main():
 		if err := json.Unmarshal([]byte(got), &res); err != nil {
 			t.Fatal(err)
 		}
+		if userModeLinux() {
+			// UML runs a jail's instructions on its host, and int 0x80 goes to the host's kernel, never to the
+			// guest's, whose filter cannot see it: there TestSeccompFilterHoldsOtherABIs holds the i386 entry.
+			t.Logf("int 0x80 on User-mode Linux: %v (not the guest kernel's call)", res["int 0x80"])
+			res["int 0x80"] = want["int 0x80"]
+		}
 		if diff := diffTables(res, want); diff != "" {
 			t.Fatalf("refusals differ from the policy's:\n%s", diff)
 		}
 	})
+}
+
+// userModeLinux tells the cgroup-v2 guest's kernel (.ci/uml), where a process's i386 calls bypass the kernel.
+func userModeLinux() bool {
+	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
+	return err == nil && strings.Contains(string(cpuinfo), "vendor_id\t: User Mode Linux")
 }
 
 // diffTables lists, one per line, the keys on which got and want differ.
@@ -652,6 +665,17 @@ def main():
     tr("preadv", lambda: os.preadv(fd, [bytearray(2)], 0))
     tr("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
     tr("netlink route", lambda: socket.if_nameindex())
+    # Calls that the vDSO answers on most machines reach the kernel where the clock source has no vDSO (some VMs,
+    # User-mode Linux): made here as system calls, so they are checked on every machine.
+    libc = __import__("ctypes").CDLL(None, use_errno=True)
+    def raw(nr, *args):
+        if libc.syscall(nr, *args) == -1:
+            raise OSError(__import__("ctypes").get_errno(), "")
+    buf = __import__("ctypes").create_string_buffer(64)
+    tr("gettimeofday", lambda: raw(96, buf, None))
+    tr("time", lambda: raw(201, None))
+    tr("getcpu", lambda: raw(309, buf, None, None))
+    tr("clock_gettime", lambda: raw(228, 1, buf))
     tr("mlock", lambda: __import__("ctypes").CDLL(None, use_errno=True).mlock(0, 0) == 0 or (_ for _ in ()).throw(OSError(__import__("ctypes").get_errno(), "")))
     return {k: v for k, v in out.items() if v != "ok"}
 `)

@@ -267,6 +267,9 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 	}
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
 	waitFor(t, func() bool { return jailProcesses(s) == 0 })
+	if left := cgroupsOf(s.Cmd.Process.Pid); len(left) > 0 {
+		t.Fatalf("the stopped server left its cgroups: %v", left)
+	}
 }
 
 // An execution that outlives the grace period is killed, and the server still exits 0 with nothing left behind.
@@ -287,9 +290,30 @@ func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	<-got
 	// A killed jail's last process may take a moment to be reaped; it must go, and soon.
 	waitFor(t, func() bool { return jailProcesses(s) == 0 })
+	if left := cgroupsOf(s.Cmd.Process.Pid); len(left) > 0 {
+		t.Fatalf("the stopped server left its cgroups: %v", left)
+	}
 	if len(s.Entries("grace period over: killing the jails still running")) != 1 {
 		t.Fatalf("logs:\n%s", strings.Join(s.Lines(), "\n"))
 	}
+}
+
+// cgroupsOf lists the cgroups a server with that pid made (its runner's directories are named "PID-N"), on every
+// hierarchy this process can see.
+func cgroupsOf(pid int) []string {
+	var found []string
+	prefix := fmt.Sprintf("%d-", pid)
+	filepath.WalkDir("/sys/fs/cgroup", func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if strings.HasPrefix(d.Name(), prefix) {
+			found = append(found, path)
+			return filepath.SkipDir
+		}
+		return nil
+	})
+	return found
 }
 
 // marked is a script that first starts a process carrying token in its command line, so the test can see from
