@@ -6,13 +6,17 @@ GO ?= go
 
 FUZZTIME ?= 15s
 
-.PHONY: runtime run test test-v2 vet fuzz load bench
+.PHONY: runtime run local test test-v2 vet fuzz load bench
 
 runtime:
 	@./runtime/install.sh "$(SAFEPY_RUNTIME_DIR)"
 
 run: runtime
 	$(GO) run ./cmd/server
+
+# The same function under the Functions Framework's own local runner (cmd/local), on 127.0.0.1 only.
+local: runtime
+	LOCAL_ONLY=true $(GO) run ./cmd/local
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

@@ -12,6 +12,9 @@ import (
 	"github.com/safe-py/safepy/sandbox"
 )
 
+// FunctionName is the target the function is registered under (FUNCTION_TARGET).
+const FunctionName = "Execute"
+
 // Config is the service's configuration, read once from the environment at start-up.
 type Config struct {
 	MaxBodyBytes   int64 // SAFEPY_MAX_BODY_BYTES

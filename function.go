@@ -1,5 +1,5 @@
 // Package safepy is the HTTP edge of safe-py: it decodes and validates a request, hands the script to the
-// sandbox package, and encodes the outcome as ../shared/CONTRACT.md describes. Policy lives in the sandbox.
+// sandbox package, and encodes the outcome as docs/contract.md describes. Policy lives in the sandbox.
 package safepy
 
 import (
@@ -15,9 +15,6 @@ import (
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 )
-
-// FunctionName is the target the function is registered under (FUNCTION_TARGET).
-const FunctionName = "Execute"
 
 func init() {
 	functions.HTTP(FunctionName, Execute)

@@ -25,8 +25,8 @@ import (
 
 	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/internal/testjail"
+	"github.com/safe-py/safepy/internal/workload"
 	"github.com/safe-py/safepy/sandbox"
-	"github.com/safe-py/safepy/workload"
 )
 
 // These tests serve the registered function itself (Execute) over real HTTP, with the real sandbox behind it.

@@ -392,3 +392,11 @@ func checkSurrogates(body []byte) error {
 func surrogateError(at int) error {
 	return fmt.Errorf("request body is not valid Unicode: an unpaired surrogate escape near byte %d", at)
 }
+
+// clip cuts a client's string to n bytes (whole characters) for a message or a log line.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "..."
+}

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/internal/proctree"
-	"github.com/safe-py/safepy/workload"
+	"github.com/safe-py/safepy/internal/workload"
 )
 
 // resourceCount is what a leak would leave behind.

@@ -15,7 +15,7 @@ import (
 
 	"cloud.google.com/go/compute/metadata"
 
-	"github.com/safe-py/safepy/cloudlog"
+	"github.com/safe-py/safepy/internal/cloudlog"
 )
 
 // metadataWait bounds the one question start-up asks the metadata server: a slow or absent one delays the start

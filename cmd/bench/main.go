@@ -42,8 +42,8 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy"
+	"github.com/safe-py/safepy/internal/workload"
 	"github.com/safe-py/safepy/sandbox"
-	"github.com/safe-py/safepy/workload"
 )
 
 type scenario struct {

@@ -32,7 +32,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy"
-	"github.com/safe-py/safepy/workload"
+	"github.com/safe-py/safepy/internal/workload"
 )
 
 func main() {

@@ -23,7 +23,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy"
-	"github.com/safe-py/safepy/connlimit"
+	"github.com/safe-py/safepy/internal/connlimit"
 )
 
 func main() {

@@ -1,0 +1,208 @@
+package safepy
+
+// The handler: the contract's routes, and one execution request from its body to its answer and log entry.
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"cloud.google.com/go/logging"
+
+	"github.com/safe-py/safepy/internal/admission"
+	"github.com/safe-py/safepy/internal/cloudlog"
+	"github.com/safe-py/safepy/internal/connlimit"
+	"github.com/safe-py/safepy/sandbox"
+)
+
+// answerWait bounds how long an answer waits for room in the budget, holding its slot, before the request gets
+// 503: answers being written free their room as their clients read them, or within seconds when they do not.
+const answerWait = time.Second
+
+// ServeHTTP routes the contract's paths: POST /execute, GET /health (and /healthz), 404 for the rest.
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/execute":
+		if r.Method != http.MethodPost {
+			methodNotAllowed(w, "POST")
+			return
+		}
+		// One log entry per execution request, written once the answer is out, with its httpRequest and trace.
+		begin := time.Now()
+		r = r.WithContext(cloudlog.WithRequest(r.Context(), r))
+		rec := &recorder{ResponseWriter: w}
+		entry := s.execute(rec, r)
+		level := slog.LevelInfo
+		if rec.status >= 500 {
+			level = slog.LevelError
+			if rec.status == http.StatusServiceUnavailable {
+				level = slog.LevelWarn
+			}
+		}
+		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
+			Request: loggable(r), RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
+			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
+	case "/health", "/healthz": // Cloud Run's front end answers paths ending in z itself: /health is for it
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			methodNotAllowed(w, "GET, HEAD")
+			return
+		}
+		if !s.ready.Load() {
+			writeError(w, http.StatusServiceUnavailable, apiError{Type: "Unavailable", Message: "not ready"}, nil)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	default:
+		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
+			Message: fmt.Sprintf("no such path %q; use POST /execute", clip(r.URL.Path, maxLoggedLen))}, nil)
+	}
+}
+
+// execute answers one execution request and returns what its log entry says: the outcome, the limit hit, the
+// durations, the script's size and a hash, what the answer held and how much of it was written. Never the script,
+// its output or its result.
+//
+// What the request holds in memory is counted in the service's budget from its first byte to its last: its body as
+// it arrives (a client that announces a large body and sends it slowly holds only what it sent, and is cut off
+// below bodyRate), then the answer until the client has it. The connection is held (connlimit.Hold) only while
+// the request waits for a slot and runs: reading a body, or writing an answer the client may not read, it can be
+// closed to make room like an idle one.
+func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
+	held := s.mem.NewHold()
+	defer held.Release()
+	req, status, verr := decodeRequest(w, r, held, s.cfg.MaxBodyBytes, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
+	if verr != nil {
+		if status == http.StatusServiceUnavailable {
+			return s.overloaded(w, nil, time.Second, verr.Message)
+		}
+		writeError(w, status, *verr, nil)
+		return []slog.Attr{slog.String("outcome", verr.Type)}
+	}
+	script := req.Script
+	sum := sha256.Sum256(script)
+	begin := time.Now()
+	entry := []slog.Attr{slog.Int("script_bytes", len(script)), slog.String("script_sha256", hex.EncodeToString(sum[:8]))}
+	unhold := connlimit.Hold(r.Context())
+	defer unhold()
+	release, err := s.gate.Acquire(r.Context())
+	entry = append(entry, slog.Float64("queue_ms", ms(time.Since(begin))))
+	if err != nil {
+		var refusal *admission.Refusal
+		if !errors.As(err, &refusal) {
+			return append(entry, slog.String("outcome", "canceled")) // the client left while queued
+		}
+		return s.overloaded(w, entry, refusal.RetryAfter,
+			fmt.Sprintf("all %d execution slots are busy and the queue cannot serve this request within %s; retry later",
+				s.gate.Slots(), s.gate.Wait()))
+	}
+	out, err := s.runner.Run(r.Context(), script, req.Files...)
+	req, script = executeRequest{}, nil // not needed any more: the hold becomes the answer's
+	entry = append(entry, slog.Bool("warm", out.Warm), slog.Bool("forked", out.Forked), slog.Int64("jail_base_bytes", out.BaseMemory),
+		slog.Int64("jail_peak_bytes", out.PeakMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
+		slog.Float64("total_ms", ms(time.Since(begin))))
+
+	var a *answer
+	var se *sandbox.ScriptError
+	switch {
+	case err == nil:
+		a = &answer{status: http.StatusOK, out: &out}
+		entry = append(entry, slog.String("outcome", "ok"))
+	case errors.As(err, &se):
+		a = &answer{status: http.StatusUnprocessableEntity, out: &out,
+			err: &apiError{Type: string(se.Kind), Message: se.Message, Traceback: se.Traceback, Limit: string(se.Limit)}}
+		entry = append(entry, slog.String("outcome", string(se.Kind)), slog.String("limit", string(se.Limit)))
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		// The client went away; the jail is already gone. There is nobody to answer.
+		release()
+		return append(entry, slog.String("outcome", "canceled"))
+	default:
+		a = &answer{status: http.StatusInternalServerError,
+			err: &apiError{Type: "InternalError", Message: "the sandbox failed; this is not caused by the script"}}
+		if out.Started {
+			a.out = &out
+		}
+		entry = append(entry, slog.String("outcome", "InternalError"), slog.String("error", err.Error()))
+	}
+	// The answer is held in memory until the client has it. Room for it is found while the slot is still held, so
+	// that answers waiting for room never outnumber the slots.
+	ctx, cancel := context.WithTimeout(r.Context(), answerWait)
+	err = held.Resize(ctx, a.size())
+	cancel()
+	release()
+	entry = append(entry, slog.Int64("answer_bytes", a.size()))
+	if err != nil {
+		return s.overloaded(w, entry, answerWait, "the server is writing too many large answers at once; retry later")
+	}
+	unhold()
+	sent, err := send(w, a)
+	entry = append(entry, slog.Int64("answer_sent", sent))
+	if err != nil {
+		entry = append(entry, slog.String("answer_error", err.Error()))
+	}
+	return entry
+}
+
+// overloaded answers 503 with a Retry-After in whole seconds, rounded up.
+func (s *Service) overloaded(w http.ResponseWriter, entry []slog.Attr, retryAfter time.Duration, message string) []slog.Attr {
+	w.Header().Set("Retry-After", strconv.Itoa(int((retryAfter+time.Second-1)/time.Second)))
+	writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded", Message: message}, nil)
+	return append(entry, slog.String("outcome", "Overloaded"))
+}
+
+// maxLoggedLen bounds what of a client's URL, User-Agent and Referer reaches a log line.
+const maxLoggedLen = 512
+
+// loggable is the part of r the access log records, with what the client controls cut to a sane length.
+func loggable(r *http.Request) *http.Request {
+	h := http.Header{}
+	for _, k := range []string{"User-Agent", "Referer", "Traceparent", "X-Cloud-Trace-Context"} {
+		if v := r.Header.Get(k); v != "" {
+			h.Set(k, clip(v, maxLoggedLen))
+		}
+	}
+	return &http.Request{Method: r.Method, URL: &url.URL{Opaque: clip(r.URL.RequestURI(), maxLoggedLen)},
+		Proto: r.Proto, Header: h, RemoteAddr: r.RemoteAddr, Host: clip(r.Host, maxLoggedLen)}
+}
+
+func remoteIP(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
+}
+
+// recorder remembers the status and size of an answer for its log entry.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	size   int64
+}
+
+func (r *recorder) WriteHeader(status int) {
+	if r.status == 0 {
+		r.status = status
+	}
+	r.ResponseWriter.WriteHeader(status)
+}
+
+// Unwrap lets http.ResponseController reach the connection's deadlines and flush.
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.size += int64(n)
+	return n, err
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
