@@ -41,10 +41,7 @@ func readSchema(path string) (protoreflect.MessageDescriptor, error) {
 	end := start
 	for end < len(bin) {
 		num, typ, n := protowire.ConsumeField(bin[end:])
-		if n < 0 || fileDescriptorWireTypes[num] != typ || (typ == protowire.VarintType && num != 10 && num != 11 && num != 14) {
-			break
-		}
-		if _, known := fileDescriptorWireTypes[num]; !known {
+		if want, known := fileDescriptorWireTypes[num]; n < 0 || !known || typ != want {
 			break
 		}
 		end += n
