@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/safe-py/safepy/sandbox"
+	"github.com/safe-py/safepy/internal/jaildef"
 )
 
 // No Docker engine runs here, so the image cannot be built in CI. What can be checked is that the image installs
@@ -146,10 +146,15 @@ func TestCloudBuild(t *testing.T) {
 	if strings.HasSuffix(mem, "Gi") {
 		memMiB *= 1024
 	}
-	limits, err := sandbox.ReadLimits("nsjail.cfg")
+	cfg, err := ConfigFromEnv()
 	if err != nil {
 		t.Fatal(err)
 	}
+	def, err := jaildef.Read(cfg.Sandbox.Nsjail, "nsjail.cfg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	limits := def.Limits()
 	perSlot, fixed := memoryPlan(limits.MemoryBytes, true)
 	if slots < 1 || slots > cpus || int64(memMiB)<<20 < perSlot*int64(slots)+fixed {
 		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and %d MiB per slot plus %d MiB",

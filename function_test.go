@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/internal/budget"
+	"github.com/safe-py/safepy/internal/jaildef"
 	"github.com/safe-py/safepy/internal/testjail"
 	"github.com/safe-py/safepy/internal/workload"
 	"github.com/safe-py/safepy/sandbox"
@@ -477,10 +478,14 @@ func TestFailsClosed(t *testing.T) {
 
 // brokenRunner is a real runner whose nsjail binary is deleted after it was checked.
 func brokenRunner(t *testing.T, c Config) *sandbox.Runner {
+	def, err := jaildef.Read(c.Sandbox.Nsjail, c.Sandbox.JailConfig) // the real nsjail's schema, as the service reads it
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := t.TempDir()
 	fake := filepath.Join(dir, "nsjail")
 	os.WriteFile(fake, []byte("#!/bin/sh\nexit 1\n"), 0o755)
-	c.Sandbox.Nsjail = fake
+	c.Sandbox.Nsjail, c.Sandbox.Definition = fake, def
 	r, err := sandbox.New(c.Sandbox)
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/safe-py/safepy/internal/admission"
 	"github.com/safe-py/safepy/internal/budget"
+	"github.com/safe-py/safepy/internal/jaildef"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -47,10 +48,14 @@ const selfCheckWant = `{"uid": 1000, "rows": 2, "sum": 3}`
 // NewService prepares the sandbox and proves it works by running a script in it. It returns an error, and no
 // service, if the sandbox cannot run scripts.
 func NewService(cfg Config, log *slog.Logger) (*Service, error) {
-	limits, err := sandbox.ReadLimits(cfg.Sandbox.JailConfig)
+	// The slots and the pools are sized from the limits before there is a Runner; the Runner gets the definition
+	// read here, so that nsjail.cfg is read once.
+	def, err := jaildef.Read(cfg.Sandbox.Nsjail, cfg.Sandbox.JailConfig)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", sandbox.ErrSandbox, err)
+		return nil, fmt.Errorf("%w: %w", sandbox.ErrSandbox, err)
 	}
+	cfg.Sandbox.Definition = def
+	limits := def.Limits()
 	mem := availableMemory()
 	if cfg.Slots <= 0 {
 		// Sized for the path the configuration asks for; a host that refuses fork servers runs cold, with warm

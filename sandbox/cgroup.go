@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/safe-py/safepy/internal/jaildef"
 )
 
 // CgroupMode says how the jail's memory, process and CPU limits are enforced on this host.
@@ -90,7 +92,7 @@ var v1Controllers = []string{"memory", "pids", "cpu"}
 
 // jailOverheadTasks are the cgroup's tasks that are not the script's: nsjail and the harness's init. The script
 // gets the whole process limit for itself.
-const jailOverheadTasks = 2
+const jailOverheadTasks = jaildef.OverheadTasks
 
 // detectCgroups finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it.
 // want is "auto", "v1", "v2" or "none". With "auto" it prefers v2, then v1, then rlimits.

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/safe-py/safepy/internal/jaildef"
 	"golang.org/x/sys/unix"
 )
 
@@ -93,11 +94,7 @@ type forkServerSettings struct {
 // startForking prepares and starts the fork servers, and proves the path with a real request through each. Any
 // failure means no fork servers on this host: the error says why, and the caller runs every request cold.
 func startForking(r *Runner, set forkServerSettings) (*forking, error) {
-	cfg, err := readJailDefinition(r.cfg.JailConfig)
-	if err != nil {
-		return nil, err
-	}
-	d, err := deriveForkServer(cfg)
+	d, err := r.def.ForkServer()
 	if err != nil {
 		return nil, err
 	}
@@ -107,7 +104,7 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 	}
 	configPath := filepath.Join(r.harnessDir, "forkserver.cfg")
 	scriptPath := filepath.Join(r.harnessDir, "forkserver.py")
-	if err := os.WriteFile(configPath, []byte(d.config), 0o444); err != nil {
+	if err := os.WriteFile(configPath, []byte(d.Config), 0o444); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(scriptPath, forkServerSource, 0o444); err != nil {
@@ -117,12 +114,12 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 	if err := os.Mkdir(maskDir, 0o755); err != nil {
 		return nil, err
 	}
-	for i, text := range d.masks {
+	for i, text := range d.Masks {
 		if err := os.WriteFile(filepath.Join(maskDir, strconv.Itoa(i)), []byte(text), 0o444); err != nil {
 			return nil, err
 		}
 	}
-	plan := r.newChildPlan(cfg, d, program)
+	plan := r.newChildPlan(d, program)
 	planJS, err := json.Marshal(plan)
 	if err != nil {
 		return nil, err
@@ -132,7 +129,7 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 		"--pass_fd", "3",
 		"--time_limit", "0", "--rlimit_cpu", "inf",
 		"--bindmount_ro", scriptPath+":/safepy/forkserver.py",
-		"--bindmount_ro", maskDir+":/safepy/mask",
+		"--bindmount_ro", maskDir+":"+jaildef.MaskDir,
 		// The whole block of uids: a child becomes the request's own (jailUID + its offset in the block) before it
 		// makes its user namespace. The fork server itself is the block's first uid, which no jail is given.
 		"--user", fmt.Sprintf("%d:%d:%d", jailUID, r.uids.base, uidBlockSize),

@@ -1,5 +1,5 @@
 # The fork server: a long-lived jail that imports a preload set (nothing; numpy; numpy and pandas) once and then
-# forks one child per request. nsjail makes it from the same definition as a cold jail (sandbox/forkconfig.go says
+# forks one child per request. nsjail makes it from the same definition as a cold jail (internal/jaildef says
 # what differs, and why); it is embedded in the Go binary like the harness and mounted at /safepy/forkserver.py.
 #
 # It runs no script and never receives request data: on its control socket (descriptor 3) it receives, per

@@ -417,7 +417,7 @@ def main():
 			t.Error("the jail sees the host's boot id")
 		}
 		if fmt.Sprint(res.MemTotal) != fmt.Sprintf("[%d]", runner.Limits().MemoryBytes>>10) {
-			t.Errorf("MemTotal %v kB, want the jail's limit of %d bytes (nsjail.cfg's meminfo and cgroup_mem_max disagree)",
+			t.Errorf("MemTotal %v kB, want the jail's limit of %d bytes (the meminfo text the sandbox derives from cgroup_mem_max is not what the jail sees)",
 				res.MemTotal, runner.Limits().MemoryBytes)
 		}
 		if res.CPUCount < 1 || res.Self != "Name:" {

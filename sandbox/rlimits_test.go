@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"errors"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -38,6 +39,8 @@ func TestRlimitFallback(t *testing.T) {
 		{"memory", "def main():\n    x = bytearray(500 << 20)\n", ResourceLimitError, LimitMemory, ""},
 		{"processes", "import subprocess\ndef main():\n    ps = [subprocess.Popen(['/usr/local/bin/python3', '-c', 'import time; time.sleep(30)']) for _ in range(100)]\n", ResourceLimitError, LimitProcesses, ""},
 		{"wall time", "import time\ndef main():\n    time.sleep(60)\n", TimeoutError, LimitWall, ""},
+		// The limit is the address space here, but what meminfo tells is still the memory a script may use.
+		{"meminfo", "def main():\n    return int(open('/proc/meminfo').read().split()[1])\n", "", "", strconv.FormatInt(r.Limits().MemoryBytes>>10, 10)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

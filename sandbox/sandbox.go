@@ -25,6 +25,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/safe-py/safepy/internal/jaildef"
 )
 
 //go:embed harness.py
@@ -41,6 +43,9 @@ const formingWait = time.Second
 type Config struct {
 	Nsjail     string // the nsjail binary
 	JailConfig string // nsjail.cfg
+	// Definition is nsjail.cfg already read (jaildef.Read with Nsjail and JailConfig), for a caller that needed its
+	// limits before making the Runner; nil: New reads it.
+	Definition *jaildef.Definition
 	RuntimeDir string // what runtime/install.sh installed: python/ is mounted at /usr/local in the jail
 	Cgroup     string // "auto" (default), "v1", "v2" or "none"
 
@@ -81,6 +86,7 @@ type Config struct {
 // Runner runs scripts. It is safe for concurrent use; the caller bounds the concurrency.
 type Runner struct {
 	cfg        Config
+	def        *jaildef.Definition // nsjail.cfg, read once
 	limits     Limits
 	cgroups    *cgroups
 	cgroupErr  error
@@ -154,10 +160,14 @@ func New(cfg Config) (*Runner, error) {
 			return nil, fmt.Errorf("%w: %v (run runtime/install.sh, or `make run`)", ErrSandbox, err)
 		}
 	}
-	limits, err := ReadLimits(cfg.JailConfig)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrSandbox, err)
+	def := cfg.Definition
+	if def == nil {
+		var err error
+		if def, err = jaildef.Read(cfg.Nsjail, cfg.JailConfig); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+		}
 	}
+	limits := def.Limits()
 	uids, err := claimUIDs(cfg.UIDBase)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -187,15 +197,9 @@ func New(cfg Config) (*Runner, error) {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
-	r := &Runner{cfg: cfg, limits: limits, cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids,
+	r := &Runner{cfg: cfg, def: def, limits: limits, timeNamespace: def.TimeNamespace(), cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids,
 		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
-	def, err := readJailDefinition(cfg.JailConfig)
-	var coldText string
-	if err == nil {
-		coldText, r.timeNamespace = coldConfig(def)
-		err = os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(coldText), 0o444)
-	}
-	if err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(def.ColdConfig()), 0o444); err != nil {
 		os.RemoveAll(dir)
 		uids.close()
 		cg.close()
@@ -213,8 +217,10 @@ func New(cfg Config) (*Runner, error) {
 		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
 		opts = append(opts, "--rlimit_as", strconv.FormatInt((limits.MemoryBytes+AddressSpaceAllowance)>>20, 10),
 			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
-		limits.Rlimits["RLIMIT_AS"] = Rlimit{uint64(limits.MemoryBytes + AddressSpaceAllowance), uint64(limits.MemoryBytes + AddressSpaceAllowance)}
-		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{uint64(limits.Processes + 1), uint64(limits.Processes + 1)}
+		as := uint64(limits.MemoryBytes + AddressSpaceAllowance)
+		limits.Rlimits["RLIMIT_AS"] = Rlimit{Soft: as, Hard: as}
+		nproc := uint64(limits.Processes + 1)
+		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{Soft: nproc, Hard: nproc}
 	}
 	r.limits, r.opts = limits, opts
 	for _, m := range cfg.Preload {
@@ -342,7 +348,7 @@ func (r *Runner) Close() error {
 // harnessConfig is what the harness is told on its command line.
 type harnessConfig struct {
 	CPUSeconds   int64             `json:"cpu"`            // the script's CPU-time limit, counted from its arrival
-	Rlimits      map[string]Rlimit `json:"rlimits"`        // the limits nsjail cannot set (pinnedRlimits)
+	Rlimits      map[string]Rlimit `json:"rlimits"`        // the limits nsjail cannot set (jaildef.PinnedRlimits)
 	Preload      []string          `json:"preload"`        // modules to import before the script arrives
 	MaxFiles     int               `json:"max_files"`      // the output files' caps (files.go)
 	MaxFileBytes int               `json:"max_file_bytes"` //
@@ -351,7 +357,7 @@ type harnessConfig struct {
 }
 
 func (r *Runner) harnessConfig(preload []string) harnessConfig {
-	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: pinnedRlimits, Preload: preload,
+	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: jaildef.PinnedRlimits, Preload: preload,
 		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes, MaxPathBytes: maxPathBytes, CollectCPU: collectCPU}
 }
 
