@@ -67,7 +67,7 @@ type forkServer struct {
 	cg   cgroup.Cgroup
 	ctl  *net.UnixConn
 	logs *stream
-	base int64 // memory the fork server's cgroup holds once its modules are in, less the page cache (memoryHeld)
+	base int64 // memory the fork server's cgroup holds once its modules are in, less the page cache (MemoryHeld)
 	// copies is what a typical script of the preload set copies of the fork server's pages by writing them, as
 	// measured on this fork server (forkserver.py's train): each copy is charged to the child while the original
 	// stays charged to the fork server, so every child's limit is that much larger (forkedMemoryLimit).
