@@ -14,7 +14,7 @@ import (
 // kernel reports to them; but it shows the host's own until its offsets are set, which can be done only before the
 // first process enters it. nsjail creates a jail's namespaces and enters them in one step, leaving it no moment to
 // set them; so the sandbox makes the time namespace itself: the Go side, for a cold jail's nsjail, on the thread it
-// forks nsjail from (cgroup.go's start); a fork server's child, for its own jail, right after its other namespaces
+// forks nsjail from (internal/cgroup's Start, with freshTimeNamespace as its setup); a fork server's child, for its own jail, right after its other namespaces
 // (forkserver.py).
 //
 // A time namespace's offsets are from the host's clocks, not from those of the namespace it was made in: the

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/safe-py/safepy/internal/proctree"
+	"github.com/safe-py/safepy/internal/reap"
 )
 
 // The tests of what only the fork path has. Every isolation, hostile and limit test runs on both paths
@@ -344,7 +345,7 @@ func TestForkServerDeathIsTheSandboxs(t *testing.T) {
 	go func() {
 		time.Sleep(500 * time.Millisecond)
 		fs.cmd.Process.Kill()
-		fs.cg.killAll()
+		reap.KillAll(fs.cg)
 	}()
 	_, err := r.Run(context.Background(), []byte("import time\ndef main():\n    time.sleep(2)\n"))
 	if !errors.Is(err, ErrSandbox) {
@@ -384,12 +385,7 @@ func TestCloseLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	dirs := []string{r.harnessDir}
-	for _, d := range r.cgroups.v1 {
-		dirs = append(dirs, d)
-	}
-	if r.cgroups.v2 != "" {
-		dirs = append(dirs, r.cgroups.v2)
-	}
+	dirs = append(dirs, r.cgroups.Dirs()...)
 	var pids []int
 	for _, s := range r.forks.slots {
 		pids = append(pids, s.cur.cmd.Process.Pid)
@@ -442,9 +438,7 @@ func TestImportsChooseTheJail(t *testing.T) {
 // this process's /proc/self/fd of its control socket and log pipe.
 func heldBy(t *testing.T, fs *forkServer) (dirs []string, links []string) {
 	t.Helper()
-	for _, d := range fs.cg.dirs {
-		dirs = append(dirs, d)
-	}
+	dirs = append(dirs, fs.cg.Dirs()...)
 	for _, conn := range []syscall.Conn{fs.ctl, fs.logs.f} {
 		rc, err := conn.SyscallConn()
 		if err != nil {

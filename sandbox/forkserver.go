@@ -18,7 +18,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/safe-py/safepy/internal/cgroup"
 	"github.com/safe-py/safepy/internal/jaildef"
+	"github.com/safe-py/safepy/internal/reap"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,10 +65,10 @@ type forkSlot struct {
 type forkServer struct {
 	slot *forkSlot
 	cmd  *exec.Cmd
-	cg   *jailCgroup
+	cg   cgroup.Cgroup
 	ctl  *net.UnixConn
 	logs *stream
-	base int64 // memory the fork server's cgroup holds once its modules are in, less the page cache (memoryHeld)
+	base int64 // memory the fork server's cgroup holds once its modules are in, less the page cache (MemoryHeld)
 	// copies is what a typical script of the preload set copies of the fork server's pages by writing them, as
 	// measured on this fork server (forkserver.py's train): each copy is charged to the child while the original
 	// stays charged to the fork server, so every child's limit is that much larger (forkedMemoryLimit).
@@ -264,13 +266,13 @@ func (s *forkSlot) replaceLocked() {
 // start starts a fork server and waits until its modules are in.
 func (s *forkSlot) start() (*forkServer, error) {
 	r := s.f.r
-	cg, err := r.cgroups.create("fork-"+newID(), r.limits)
+	cg, err := r.cgroups.Create("fork-"+newID(), cgroupLimits(r.limits))
 	if err != nil {
 		return nil, fmt.Errorf("creating the fork server's cgroup: %w", err)
 	}
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		cg.remove()
+		dropCgroup(cg)
 		return nil, err
 	}
 	ours, theirs := os.NewFile(uintptr(pair[0]), "control"), os.NewFile(uintptr(pair[1]), "control")
@@ -278,14 +280,14 @@ func (s *forkSlot) start() (*forkServer, error) {
 	ours.Close()
 	if err != nil {
 		theirs.Close()
-		cg.remove()
+		dropCgroup(cg)
 		return nil, err
 	}
 	logR, logW, err := os.Pipe()
 	if err != nil {
 		theirs.Close()
 		conn.Close()
-		cg.remove()
+		dropCgroup(cg)
 		return nil, err
 	}
 	js, _ := json.Marshal(map[string]any{"preload": s.preload, "plan": json.RawMessage(s.f.serverJS)})
@@ -296,13 +298,13 @@ func (s *forkSlot) start() (*forkServer, error) {
 	fs.cmd.Stdout, fs.cmd.Stderr = logW, logW
 	fs.cmd.ExtraFiles = []*os.File{theirs, logW} // 3: the control socket, 4: nsjail's log
 	fs.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	err = cg.start(fs.cmd, false, fs.done)
+	err = cg.Start(fs.cmd, nil, fs.done)
 	logW.Close()
 	theirs.Close() // the fork server's alone now: if it dies, reading the control socket ends
 	if err != nil {
 		logR.Close()
 		fs.ctl.Close()
-		cg.remove()
+		dropCgroup(cg)
 		return nil, fmt.Errorf("starting the fork server: %w", err)
 	}
 	fs.logs = captureAsync(logR, 64<<10)
@@ -329,12 +331,12 @@ func (s *forkSlot) start() (*forkServer, error) {
 		return nil, fmt.Errorf("the fork server did not come up (%v): %s%s", err, firstLines(logs, 4), hint(logs))
 	}
 	fs.ctl.SetReadDeadline(time.Time{})
-	fs.base = cg.memoryHeld()
+	fs.base = cg.MemoryHeld()
 	// The training child ran in this cgroup and has exited: what the cgroup held at its most beyond what it holds
 	// now is what the child was charged, everything included (its copies, its new pages, its copy of the page
 	// tables). The child's pagemap tells its copies on most kernels, and fewer on others (7.2 in the cgroup-v2
 	// guest: a plot's 10.8 MiB of 14.4); the charge, less the new pages, is the floor the kernel itself says.
-	charged := cg.memoryPeak() - cg.memoryUsage()
+	charged := cg.MemoryPeak() - cg.MemoryUsage()
 	fresh := report.PrefaultBytes - report.CopiedBytes // written pages that were not the fork server's
 	fs.copies = max(report.CopiedBytes, charged-fresh)
 	fs.prefault = max(report.PrefaultBytes, charged)
@@ -447,7 +449,7 @@ func (fs *forkServer) close() {
 // kill kills the fork server and returns once all it held is released.
 func (fs *forkServer) kill() {
 	fs.ctl.Close()
-	fs.cg.killAll()
+	reap.KillAll(fs.cg)
 	if fs.cmd.Process != nil {
 		fs.cmd.Process.Kill()
 	}
@@ -463,7 +465,7 @@ func (fs *forkServer) end() {
 	fs.retiring = true // no more forks: a request that finds it now goes the cold way
 	fs.mu.Unlock()
 	fs.ctl.Close()
-	fs.cg.killAll()
+	reap.KillAll(fs.cg)
 	// The log pipe ends once the last process that held it is gone; it is closed after a moment all the same, so
 	// that nothing that may still hold the other end keeps it (what it said is read first: the start-up's error).
 	select {
@@ -472,7 +474,7 @@ func (fs *forkServer) end() {
 	}
 	fs.logs.f.Close()
 	<-fs.logs.done
-	if err := fs.cg.remove(); err != nil {
+	if err := dropCgroup(fs.cg); err != nil {
 		slog.Warn("a fork server's cgroup could not be removed", "error", err.Error())
 	}
 }

@@ -11,6 +11,9 @@ import (
 	"os/exec"
 	"syscall"
 	"time"
+
+	"github.com/safe-py/safepy/internal/cgroup"
+	"github.com/safe-py/safepy/internal/reap"
 )
 
 // startupCPUSeconds is the CPU time a jail may spend before its script arrives (starting the interpreter and, for
@@ -24,7 +27,7 @@ type jail struct {
 	r          *Runner
 	cmd        *exec.Cmd   // cold: nsjail
 	fs         *forkServer // forked: its fork server
-	cg         *jailCgroup
+	cg         cgroup.Cgroup
 	uid        int // outside, this jail's alone until release
 	scriptW    *os.File
 	parentEnds []*os.File
@@ -64,7 +67,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 	}
 	limits := r.limits
 	limits.MemoryBytes = r.forkedMemoryLimit(fs, prefault)
-	cg, err := r.cgroups.create(newID(), limits)
+	cg, err := r.cgroups.Create(newID(), cgroupLimits(limits))
 	if err != nil {
 		r.uids.give(uid)
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
@@ -73,7 +76,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 	// limit makes room for.
 	j := &jail{r: r, cg: cg, uid: uid, base: r.limits.MemoryBytes - limits.MemoryBytes, started: make(chan struct{}),
 		done: make(chan struct{}), begin: time.Now()}
-	procs, err := cg.procsFiles()
+	procs, err := cg.ProcsFiles()
 	if err != nil {
 		j.release()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -141,7 +144,7 @@ func (r *Runner) launchCold(preload []string) (*jail, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	cg, err := r.cgroups.create(newID(), r.limits)
+	cg, err := r.cgroups.Create(newID(), cgroupLimits(r.limits))
 	if err != nil {
 		r.uids.give(uid)
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
@@ -170,7 +173,7 @@ func (r *Runner) launchCold(preload []string) (*jail, error) {
 	j.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 
 	j.begin = time.Now()
-	err = cg.start(j.cmd, r.timeNamespace, j.done)
+	err = cg.Start(j.cmd, r.clockSetup(), j.done)
 	closeFiles(childEnds)
 	if err != nil {
 		j.release()
@@ -198,7 +201,7 @@ func closeFiles(fs []*os.File) {
 // kill kills every process of the jail: the cgroup's, then nsjail, whose death takes the jail's PID namespace. (A
 // forked jail's processes, its supervisor too, are all in its cgroup.)
 func (j *jail) kill() {
-	j.cg.killAll()
+	reap.KillAll(j.cg)
 	if j.cmd != nil {
 		_ = j.cmd.Process.Kill()
 		return
@@ -212,7 +215,7 @@ func (j *jail) kill() {
 				return
 			case <-time.After(5 * time.Millisecond):
 			}
-			j.cg.killAll()
+			reap.KillAll(j.cg)
 		}
 	}()
 }
@@ -253,7 +256,7 @@ func (j *jail) run(ctx context.Context, script []byte, files []File) (Outcome, e
 	// What the jail holds as the script arrives (the interpreter, and in a warm jail its preloaded modules) counts
 	// against the memory limit, as it would if the script had imported them itself: warm or cold, a script has
 	// the same memory. The harness resets CPU time as the script arrives.
-	base := j.base + j.cg.memoryUsage()
+	base := j.base + j.cg.MemoryUsage()
 	runStart := time.Now()
 	job := EncodeJob(script, files)
 	go func() {
@@ -294,9 +297,9 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	// collected (what is in the pipe stays readable, and nothing can add to it). Killing them, waiting for the
 	// kernel to take them down and removing the cgroup happen after the answer, one process at a time.
 	obs := j.observe(res, false)
-	peak := j.cg.memoryPeak()
-	j.cg.stopAll()
-	if j.cg == nil && j.cmd != nil {
+	peak := j.cg.MemoryPeak()
+	reap.Stop(j.cg)
+	if j.r.cgroups.Mode() == CgroupNone && j.cmd != nil {
 		_ = j.cmd.Process.Kill() // no cgroup to stop (rlimits mode): nsjail's death takes the jail with it now
 	}
 	outBytes, outTrunc := j.stdout.now()
@@ -309,7 +312,7 @@ func (j *jail) answer(res resultRead) (Outcome, error) {
 	j.r.cleanups.Add(1)
 	go func() {
 		defer j.r.cleanups.Done()
-		j.cg.killInTurn()
+		reap.KillInTurn(j.cg)
 		if j.cmd != nil {
 			_ = j.cmd.Process.Kill()
 		}
@@ -331,7 +334,7 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 	<-j.done
 	// Only possible if nsjail itself was killed: what is left of the jail goes now, which also closes the last
 	// copies of the pipes' write ends, so the readers below see their end.
-	j.cg.killAll()
+	reap.KillAll(j.cg)
 	// They end when the jail's last process is gone, which the kernel makes sure of; should a process ever hold
 	// on regardless, closing the server's ends stops the readers all the same: no request waits on a jail forever.
 	stop := time.AfterFunc(streamGrace, func() { closeFiles(j.parentEnds) })
@@ -354,7 +357,7 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 		obs.initKilled = bytes.Contains(logBytes, []byte(") terminated with signal: "))
 	}
 	out := j.outcome(obs, outBytes, outTrunc, errBytes, errTrunc)
-	out.PeakMemory = j.cg.memoryPeak()
+	out.PeakMemory = j.cg.MemoryPeak()
 	if err := j.release(); err != nil && ctxErr == nil {
 		ctxErr = fmt.Errorf("%w: removing the jail's cgroup: %v", ErrSandbox, err)
 	}
@@ -373,7 +376,7 @@ func (j *jail) finishWith(read *resultRead, timedOut bool, ctxErr error) (Outcom
 // observe gathers what the Go side saw of the jail, for classify.
 func (j *jail) observe(res resultRead, timedOut bool) observation {
 	obs := observation{started: res.started, stalled: j.stalled, truncated: res.truncated, timedOut: timedOut,
-		rlimits: j.cg == nil, files: res.files}
+		rlimits: j.r.cgroups.Mode() == CgroupNone, files: res.files}
 	if res.complete {
 		obs.frame = res.frame
 	}
@@ -385,7 +388,7 @@ func (j *jail) observe(res resultRead, timedOut bool) observation {
 		}
 	default: // still running: a complete frame decides alone
 	}
-	obs.oomKilled, obs.pidsMax = j.cg.events()
+	obs.oomKilled, obs.pidsMax = j.cg.Events()
 	return obs
 }
 
@@ -401,9 +404,9 @@ func (j *jail) outcome(obs observation, stdout []byte, truncated bool, stderr []
 // release closes the Go side's ends of the pipes and removes the cgroup, once nsjail has exited, and gives the
 // jail's uid back once none of its processes is left.
 func (j *jail) release() error {
-	j.cg.killAll()
+	reap.KillAll(j.cg)
 	closeFiles(j.parentEnds)
-	err := j.cg.remove()
+	err := dropCgroup(j.cg)
 	if err == nil {
 		j.r.uids.give(j.uid)
 	} // else a process may be left: its uid is not given to another jail

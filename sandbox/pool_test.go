@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/safe-py/safepy/internal/reap"
 	"golang.org/x/sys/unix"
 )
 
@@ -215,8 +216,8 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 		t.Fatal("no plain fork server")
 	}
 	hello := "def main():\n    return 1\n"
-	fs.cg.stopAll()
-	defer fs.cg.signal(unix.SIGCONT, false, nil)
+	reap.Stop(fs.cg)
+	defer reap.Signal(fs.cg, unix.SIGCONT)
 	if out, err := runWith(t, r, hello); err != nil || !out.Warm {
 		t.Fatalf("the ready jail: warm=%v %v", out.Warm, err)
 	}
@@ -239,7 +240,7 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 		defer p.mu.Unlock()
 		return p.waiting == 1
 	})
-	fs.cg.signal(unix.SIGCONT, false, nil)
+	reap.Signal(fs.cg, unix.SIGCONT)
 	res := <-done
 	if res.err != nil || !res.out.Warm || !res.out.Forked || string(res.out.Result) != "1" {
 		t.Fatalf("warm=%v forked=%v result=%q %v; want the pool's forked jail", res.out.Warm, res.out.Forked, res.out.Result, res.err)

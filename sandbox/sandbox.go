@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/safe-py/safepy/internal/cgroup"
 	"github.com/safe-py/safepy/internal/jaildef"
 )
 
@@ -88,7 +89,7 @@ type Runner struct {
 	cfg        Config
 	def        *jaildef.Definition // nsjail.cfg, read once
 	limits     Limits
-	cgroups    *cgroups
+	cgroups    cgroup.Manager
 	cgroupErr  error
 	harnessDir string
 	uids       *uidPool
@@ -172,7 +173,7 @@ func New(cfg Config) (*Runner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	cg, cgErr := detectCgroups(cfg.Cgroup, limits, cfg.Nsjail, cfg.AllJailsMemory)
+	cg, cgErr := cgroup.Detect(cfg.Cgroup, cgroupLimits(limits), cfg.Nsjail, cfg.AllJailsMemory)
 	if cg == nil {
 		uids.close()
 		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %w", ErrSandbox, cfg.Cgroup, cgErr)
@@ -182,7 +183,7 @@ func New(cfg Config) (*Runner, error) {
 	dir, err := os.MkdirTemp("", fmt.Sprintf("safepy-%d-harness-", os.Getpid()))
 	if err != nil {
 		uids.close()
-		cg.close()
+		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 	harness := filepath.Join(dir, "harness.py")
@@ -193,7 +194,7 @@ func New(cfg Config) (*Runner, error) {
 	if err != nil {
 		os.RemoveAll(dir)
 		uids.close()
-		cg.close()
+		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
@@ -202,7 +203,7 @@ func New(cfg Config) (*Runner, error) {
 	if err := os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(def.ColdConfig()), 0o444); err != nil {
 		os.RemoveAll(dir)
 		uids.close()
-		cg.close()
+		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 	opts := append(r.commonOpts(filepath.Join(dir, "jail.cfg")),
@@ -211,7 +212,7 @@ func New(cfg Config) (*Runner, error) {
 		// up to PoolMaxAge, and the harness sets the script's CPU limit when the script arrives.
 		"--time_limit", strconv.Itoa(int((cfg.PoolMaxAge+limits.Wall+cfg.StartupTimeout)/time.Second)+1),
 		"--rlimit_cpu", strconv.FormatInt(limits.CPUSeconds+startupCPUSeconds, 10))
-	if cg.mode == CgroupNone {
+	if cg.Mode() == CgroupNone {
 		// Without cgroups memory is bounded by address space, which counts what libraries reserve but never use:
 		// numpy and pandas reserve some 150 MiB. The allowance keeps a pandas script's 200 MiB possible.
 		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
@@ -235,7 +236,7 @@ func New(cfg Config) (*Runner, error) {
 		r.forkNote = "fork servers are turned off"
 	case cfg.PoolSize == 0:
 		r.forkNote = "the pool size is 0: every jail starts cold"
-	case cg.mode == CgroupNone:
+	case cg.Mode() == CgroupNone:
 		r.forkNote = "fork servers need cgroups"
 	default:
 		if r.forks, err = startForking(r, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
@@ -254,7 +255,7 @@ func (r *Runner) commonOpts(configPath string) []string {
 	return []string{
 		"--config", configPath,
 		"--log_fd", "5",
-		// The Go side owns the cgroup (see cgroup.go) and the deadline; nsjail's own timer is only a backstop.
+		// The Go side owns the cgroup (see internal/cgroup) and the deadline; nsjail's own timer is only a backstop.
 		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
 		"--bindmount_ro", runtimePython + ":/usr/local",
 		"--bindmount_ro", filepath.Join(r.harnessDir, "harness.py") + ":/safepy/harness.py",
@@ -271,7 +272,7 @@ func (r *Runner) logForkFailure(err error) {
 
 // Info reports the enforcement mode and limits.
 func (r *Runner) Info() Info {
-	info := Info{CgroupMode: r.cgroups.mode, Limits: r.limits, Path: "cold", PathNote: r.forkNote}
+	info := Info{CgroupMode: r.cgroups.Mode(), Limits: r.limits, Path: "cold", PathNote: r.forkNote}
 	if r.forks != nil {
 		info.Path = "forked"
 	}
@@ -340,7 +341,7 @@ func (r *Runner) Close() error {
 	r.inflight.Wait()
 	r.cleanups.Wait()
 	r.forks.close()
-	r.cgroups.close()
+	r.cgroups.Close()
 	r.uids.close()
 	return os.RemoveAll(r.harnessDir)
 }
