@@ -72,6 +72,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	cfg.QueueWait = gate.Wait()
 	// The pools refill only while a slot is free and nobody waits: under saturation every CPU goes to requests.
 	cfg.Sandbox.Busy = func() bool { running, waiting := gate.InUse(); return running >= cfg.Slots || waiting > 0 }
+	cfg.Sandbox.Log = log
 	runner, err := sandbox.New(cfg.Sandbox)
 	if err != nil {
 		return nil, err

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -509,4 +510,50 @@ func TestADeadForkServerIsReleasedAtOnce(t *testing.T) {
 	if left := stillHeld(dirs, links); len(left) > 0 {
 		t.Fatalf("after Close: %v", left)
 	}
+}
+
+// What the sandbox works around goes to the logger in its Config (the service's), not to the process's default:
+// under the Functions Framework's own server, where nothing set the default, those lines were plain text.
+func TestTheSandboxLogsWhereItIsTold(t *testing.T) {
+	var logs syncBuffer
+	r := newForked(t, 0, func(c *Config) { c.Log = slog.New(slog.NewJSONHandler(&logs, nil)) })
+	// The last fork server dies, and its replacement cannot come up: it would preload a module that is not there.
+	slot := r.forks.slots[len(r.forks.slots)-1]
+	slot.mu.Lock()
+	slot.preload = []string{"no_such_module_for_this_test"}
+	fs := slot.cur
+	slot.mu.Unlock()
+	python, err := onlyChild(fs.cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(python, syscall.SIGKILL)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(logs.String(), "a fork server could not be started") {
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing logged to the runner's logger: %q", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if out, err := runWith(t, r, "def main():\n    return 1\n"); err != nil || string(out.Result) != "1" {
+		t.Fatalf("%s %v", out.Result, err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer the sandbox's goroutines and the test may use at once.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -249,7 +248,7 @@ func (s *forkSlot) replaceLocked() {
 				fs.kill()
 			}
 			if err != nil {
-				slog.Warn("a fork server could not be started; its requests go the cold way", "preload", s.preload, "error", err.Error())
+				s.f.r.cfg.Log.Warn("a fork server could not be started; its requests go the cold way", "preload", s.preload, "error", err.Error())
 			}
 			return
 		}
@@ -475,7 +474,7 @@ func (fs *forkServer) end() {
 	fs.logs.f.Close()
 	<-fs.logs.done
 	if err := dropCgroup(fs.cg); err != nil {
-		slog.Warn("a fork server's cgroup could not be removed", "error", err.Error())
+		fs.slot.f.r.cfg.Log.Warn("a fork server's cgroup could not be removed", "error", err.Error())
 	}
 }
 

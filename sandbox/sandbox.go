@@ -42,6 +42,11 @@ const formingWait = time.Second
 
 // Config says where the sandbox's pieces are. The zero value of each size means its default.
 type Config struct {
+	// Log is where the sandbox reports what it works around (a fork server that failed, a jail that starts cold
+	// instead); the service passes its own, so that these lines are Cloud Logging's JSON under every server.
+	// Default: slog.Default().
+	Log *slog.Logger
+
 	Nsjail     string // the nsjail binary
 	JailConfig string // nsjail.cfg
 	// Definition is nsjail.cfg already read (jaildef.Read with Nsjail and JailConfig), for a caller that needed its
@@ -133,6 +138,9 @@ func New(cfg Config) (*Runner, error) {
 	}
 	if cfg.MaxStderrBytes <= 0 {
 		cfg.MaxStderrBytes = 1 << 20
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
 	}
 	if cfg.StartupTimeout <= 0 {
 		cfg.StartupTimeout = 20 * time.Second
@@ -266,7 +274,7 @@ func (r *Runner) commonOpts(configPath string) []string {
 func (r *Runner) logForkFailure(err error) {
 	now := time.Now().Unix()
 	if last := r.forkFails.Load(); last != now && r.forkFails.CompareAndSwap(last, now) {
-		slog.Warn("a jail could not be forked; it starts cold", "error", err.Error())
+		r.cfg.Log.Warn("a jail could not be forked; it starts cold", "error", err.Error())
 	}
 }
 
