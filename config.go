@@ -4,9 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/safe-py/safepy/sandbox"
@@ -155,68 +153,8 @@ func ConfigFromEnv() (Config, error) {
 // jail that imports pandas takes some 0.3 s here, more under load).
 const startupAllowance = time.Second
 
-// serverShare is the memory kept for the server itself, outside every jail.
-const serverShare = 256 << 20
-
 // heapLimit keeps the server's heap within its share: what the service holds for its clients is bounded (the
 // budget for bodies and answers, and the running jails' output), and the garbage collector, which by default lets
 // the heap grow to twice what is live, collects sooner rather than take more. The rest of the share is for what is
 // not heap: goroutine stacks, the binary, the runtime's own.
-const heapLimit = serverShare * 3 / 4
-
-// The memory set aside besides each running jail's limit, from what jails were measured to hold (TestBaseMemory,
-// and the bench's cgroup peaks):
-//   - a slot's share of the warm pools, one jail per pool (plain, numpy, numpy+pandas, and those with
-//     matplotlib). Forked, a warm jail holds only its own pages: what it wrote, and the copies it prefaulted of
-//     its fork server's (4, 5, 8 and 22 MiB at rest: 39 MiB for the four); cold, its whole interpreter: about 9,
-//     18, 48 and 75 MiB.
-//   - the fork servers, once: about 12, 24, 50 and 75 MiB, and one more while a replacement starts.
-const (
-	warmForkedPerSlot = 64 << 20
-	warmColdPerSlot   = 160 << 20
-	forkServersShare  = 256 << 20
-)
-
-// memoryPlan is what the service sets aside: per slot (a jail at its limit and its share of the warm jails), and
-// once (the server's share, and the fork servers if there are any).
-func memoryPlan(jailMemory int64, forked bool) (perSlot, fixed int64) {
-	if forked {
-		return jailMemory + warmForkedPerSlot, serverShare + forkServersShare
-	}
-	return jailMemory + warmColdPerSlot, serverShare
-}
-
-// defaultSlots fits the number of jails running at once to the machine: one per CPU, so that a script's wall time
-// is a CPU's worth of time and a neighbour's busy loop cannot push it into a timeout; and no more than the memory
-// left after what is set aside once holds, each slot with a jail at its limit and its warm jails.
-func defaultSlots(jailMemory, mem int64, forked bool) int {
-	slots := runtime.NumCPU()
-	if perSlot, fixed := memoryPlan(jailMemory, forked); mem > 0 && jailMemory > 0 {
-		if byMemory := int((mem - fixed) / perSlot); byMemory < slots {
-			slots = byMemory
-		}
-	}
-	return max(slots, 1)
-}
-
-// availableMemory is the container's memory limit if it has one (Cloud Run sets one), else the machine's memory.
-func availableMemory() int64 {
-	best := int64(0)
-	for _, path := range []string{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"} {
-		if data, err := os.ReadFile(path); err == nil {
-			if n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err == nil && n > 0 && n < 1<<50 {
-				best = n
-			}
-		}
-	}
-	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for _, line := range strings.Split(string(data), "\n") {
-			if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
-				if kb, err := strconv.ParseInt(f[1], 10, 64); err == nil && (best == 0 || kb<<10 < best) {
-					best = kb << 10
-				}
-			}
-		}
-	}
-	return best
-}
+const heapLimit = sandbox.ServerShare * 3 / 4

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/safe-py/safepy/internal/jaildef"
+	"github.com/safe-py/safepy/sandbox"
 )
 
 // No Docker engine runs here, so the image cannot be built in CI. What can be checked is that the image installs
@@ -155,7 +156,7 @@ func TestCloudBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	limits := def.Limits()
-	perSlot, fixed := memoryPlan(limits.MemoryBytes, true)
+	perSlot, fixed := sandbox.MemoryPlan(limits.MemoryBytes, true)
 	if slots < 1 || slots > cpus || int64(memMiB)<<20 < perSlot*int64(slots)+fixed {
 		t.Errorf("%d slots on %d CPUs and %s: want at most one slot per CPU and %d MiB per slot plus %d MiB",
 			slots, cpus, mem, perSlot>>20, fixed>>20)

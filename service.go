@@ -56,17 +56,17 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	cfg.Sandbox.Definition = def
 	limits := def.Limits()
-	mem := availableMemory()
+	mem := sandbox.AvailableMemory()
 	if cfg.Slots <= 0 {
 		// Sized for the path the configuration asks for; a host that refuses fork servers runs cold, with warm
 		// jails that hold more (the start-up log says which path is in use).
-		cfg.Slots = defaultSlots(limits.MemoryBytes, mem, cfg.Sandbox.ForkServers && cfg.Sandbox.PoolSize != 0)
+		cfg.Slots = sandbox.Slots(limits.MemoryBytes, mem, cfg.Sandbox.ForkServers && cfg.Sandbox.PoolSize != 0)
 	}
 	if cfg.Sandbox.PoolSize < 0 {
 		cfg.Sandbox.PoolSize = cfg.Slots // a warm jail for each slot: a full house of requests all start warm
 	}
-	if mem > 2*serverShare && cfg.Sandbox.AllJailsMemory == 0 {
-		cfg.Sandbox.AllJailsMemory = mem - serverShare
+	if mem > 2*sandbox.ServerShare && cfg.Sandbox.AllJailsMemory == 0 {
+		cfg.Sandbox.AllJailsMemory = mem - sandbox.ServerShare
 	}
 	gate := admission.New(admission.Config{Slots: cfg.Slots, Wait: cfg.QueueWait, Turn: limits.Wall + startupAllowance})
 	cfg.QueueWait = gate.Wait()

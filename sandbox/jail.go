@@ -129,7 +129,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 // which copies that ahead of time and populates the pages around it too, is raised by all it populates
 // (fs.prefault) instead. A script that copies what the typical one does then has what it has cold; one that copies
 // less has up to that much more (the limit cannot know), one that copies more has less. Never above a cold
-// jail's limit: the memory the service sets aside per slot (memoryPlan) holds one jail at its limit.
+// jail's limit: the memory the service sets aside per slot (MemoryPlan) holds one jail at its limit.
 func (r *Runner) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
 	room := fs.copies
 	if prefault {
