@@ -101,8 +101,8 @@ func TestForkServerProcess(t *testing.T) {
 		if !strings.Contains(string(status), "\nThreads:\t1\n") {
 			t.Errorf("fork server %v is not single-threaded:\n%s", s.preload, status)
 		}
-		if !strings.Contains(string(status), fmt.Sprintf("\nUid:\t%d\t", r.uids.base)) {
-			t.Errorf("fork server %v does not run as the block's first uid %d", s.preload, r.uids.base)
+		if !strings.Contains(string(status), fmt.Sprintf("\nUid:\t%d\t", r.uids.Base)) {
+			t.Errorf("fork server %v does not run as the block's first uid %d", s.preload, r.uids.Base)
 		}
 		if st, err := os.Stat(fmt.Sprintf("/proc/%d/environ", pid)); err != nil || statUID(st) != 0 {
 			t.Errorf("fork server %v is dumpable (its /proc files are not root's)", s.preload)

@@ -20,6 +20,7 @@ import (
 	"github.com/safe-py/safepy/internal/cgroup"
 	"github.com/safe-py/safepy/internal/jaildef"
 	"github.com/safe-py/safepy/internal/reap"
+	"github.com/safe-py/safepy/internal/uids"
 	"golang.org/x/sys/unix"
 )
 
@@ -133,7 +134,7 @@ func startForking(r *Runner, set forkServerSettings) (*forking, error) {
 		"--bindmount_ro", maskDir+":"+jaildef.MaskDir,
 		// The whole block of uids: a child becomes the request's own (jailUID + its offset in the block) before it
 		// makes its user namespace. The fork server itself is the block's first uid, which no jail is given.
-		"--user", fmt.Sprintf("%d:%d:%d", jailUID, r.uids.base, uidBlockSize),
+		"--user", fmt.Sprintf("%d:%d:%d", jailUID, r.uids.Base, uids.BlockSize),
 		"--cap", "CAP_SETUID", "--cap", "CAP_SETGID")
 	for i := 0; i <= len(r.cfg.Preload); i++ {
 		f.slots = append(f.slots, &forkSlot{f: f, preload: r.cfg.Preload[:i]})
@@ -396,7 +397,7 @@ func (fs *forkServer) fork(uid int, prefault bool, files []*os.File) error {
 	for i, f := range files {
 		fds[i] = int(f.Fd())
 	}
-	msg, _ := json.Marshal(map[string]any{"uid": jailUID + uid - fs.slot.f.r.uids.base, "prefault": prefault})
+	msg, _ := json.Marshal(map[string]any{"uid": jailUID + uid - fs.slot.f.r.uids.Base, "prefault": prefault})
 	if _, _, err := fs.ctl.WriteMsgUnix(msg, unix.UnixRights(fds...), nil); err != nil {
 		fs.released()
 		return fmt.Errorf("sending a request to the fork server: %w", err)

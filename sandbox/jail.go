@@ -61,7 +61,7 @@ func (r *Runner) launch(preload []string, warm bool) (*jail, error) {
 
 // launchForked asks a fork server for a jail.
 func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (*jail, error) {
-	uid, err := r.uids.take()
+	uid, err := r.uids.Take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
@@ -69,7 +69,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 	limits.MemoryBytes = r.forkedMemoryLimit(fs, prefault)
 	cg, err := r.cgroups.Create(newID(), cgroupLimits(limits))
 	if err != nil {
-		r.uids.give(uid)
+		r.uids.Give(uid)
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
 	}
 	// What counts against the jail's limit outside its cgroup: its share of the fork server, less the copies the
@@ -140,13 +140,13 @@ func (r *Runner) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
 
 // launchCold starts a jail with an nsjail process of its own.
 func (r *Runner) launchCold(preload []string) (*jail, error) {
-	uid, err := r.uids.take()
+	uid, err := r.uids.Take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 	cg, err := r.cgroups.Create(newID(), cgroupLimits(r.limits))
 	if err != nil {
-		r.uids.give(uid)
+		r.uids.Give(uid)
 		return nil, fmt.Errorf("%w: creating the jail's cgroup: %w", ErrSandbox, err)
 	}
 	// Descriptors as the jail sees them: 0 /dev/null, 1 stdout, 2 stderr, 3 script, 4 result, 5 nsjail's log.
@@ -408,7 +408,7 @@ func (j *jail) release() error {
 	closeFiles(j.parentEnds)
 	err := dropCgroup(j.cg)
 	if err == nil {
-		j.r.uids.give(j.uid)
+		j.r.uids.Give(j.uid)
 	} // else a process may be left: its uid is not given to another jail
 	if j.fs != nil {
 		j.fs.released()

@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/safe-py/safepy/internal/jaildef"
 	"github.com/safe-py/safepy/internal/proctree"
+	"github.com/safe-py/safepy/internal/uids"
 )
 
 // hogHeader is shared by the hogs: once a hog has taken all it can, it starts a process whose command line carries
@@ -279,8 +278,8 @@ func TestEachJailIsAUserOfItsOwn(t *testing.T) {
 		waitUntil(t, "three jails to run", func() bool { procs = proctree.Live(os.Getpid(), token); return len(procs) == 3 })
 		seen := map[int]bool{}
 		for _, p := range procs {
-			if p.UID <= runner.uids.base || p.UID >= runner.uids.base+uidBlockSize {
-				t.Fatalf("a jail's process runs as uid %d outside, want one of the runner's block from %d", p.UID, runner.uids.base)
+			if p.UID <= runner.uids.Base || p.UID >= runner.uids.Base+uids.BlockSize {
+				t.Fatalf("a jail's process runs as uid %d outside, want one of the runner's block from %d", p.UID, runner.uids.Base)
 			}
 			seen[p.UID] = true
 		}
@@ -290,48 +289,4 @@ func TestEachJailIsAUserOfItsOwn(t *testing.T) {
 	})
 }
 
-// A runner claims a block of uids no other runner holds and in which nothing runs.
-func TestUIDBlocks(t *testing.T) {
-	base := DefaultUIDBase + 32*uidBlockSize // away from the blocks the tests' runners claim
-	// Something runs as a uid of the first block.
-	squatter := startAs(t, base+7)
-	defer squatter.Process.Kill()
-	a, err := claimUIDs(base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.close()
-	b, err := claimUIDs(base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.close()
-	if a.base == base || b.base == base || a.base == b.base {
-		t.Fatalf("blocks %d and %d (the first, %d, has a running process)", a.base, b.base, base)
-	}
-	ids := map[int]bool{}
-	for i := 0; i < uidBlockSize-1; i++ {
-		id, err := a.take()
-		if err != nil || ids[id] || id <= a.base || id >= a.base+uidBlockSize {
-			t.Fatalf("take %d: %d %v", i, id, err)
-		}
-		ids[id] = true
-	}
-	if _, err := a.take(); err == nil {
-		t.Fatal("took more uids than the block holds")
-	}
-}
-
 func unsafePointer(p *uint64) unsafe.Pointer { return unsafe.Pointer(p) }
-
-// startAs starts a process that sleeps as uid.
-func startAs(t *testing.T, uid int) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command("sleep", "60")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: 65534}}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
-}

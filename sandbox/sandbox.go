@@ -28,6 +28,7 @@ import (
 
 	"github.com/safe-py/safepy/internal/cgroup"
 	"github.com/safe-py/safepy/internal/jaildef"
+	"github.com/safe-py/safepy/internal/uids"
 )
 
 //go:embed harness.py
@@ -39,6 +40,9 @@ const AddressSpaceAllowance = 192 << 20
 // formingWait bounds how long a request waits for a jail its pool is forking ahead (they take tens of
 // milliseconds) before it makes one of its own: only a jail that is stuck would take longer.
 const formingWait = time.Second
+
+// DefaultUIDBase is where the jails' outside uids start unless Config.UIDBase says otherwise.
+const DefaultUIDBase = uids.DefaultBase
 
 // Config says where the sandbox's pieces are. The zero value of each size means its default.
 type Config struct {
@@ -79,7 +83,7 @@ type Config struct {
 	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
 	StartupTimeout time.Duration // default 20 s
 
-	// UIDBase is where the range of outside uids for the jails starts (see uids.go). Default DefaultUIDBase.
+	// UIDBase is where the range of outside uids for the jails starts (see internal/uids). Default DefaultUIDBase.
 	UIDBase int
 
 	// ForkServers makes jails by forking them from fork servers (forkserver.go), where the host allows it, instead
@@ -97,7 +101,7 @@ type Runner struct {
 	cgroups    cgroup.Manager
 	cgroupErr  error
 	harnessDir string
-	uids       *uidPool
+	uids       *uids.Block
 	// timeNamespace: each jail gets a time namespace whose clocks start with it (nsjail.cfg's clone_newtime,
 	// made by the sandbox itself: clocks.go).
 	timeNamespace bool
@@ -155,7 +159,7 @@ func New(cfg Config) (*Runner, error) {
 		cfg.Preload = []string{"numpy", "pandas", "matplotlib.pyplot"}
 	}
 	if cfg.UIDBase == 0 {
-		cfg.UIDBase = DefaultUIDBase
+		cfg.UIDBase = uids.DefaultBase
 	}
 	if cfg.ForkServerAge <= 0 {
 		cfg.ForkServerAge = 10 * time.Minute
@@ -177,20 +181,20 @@ func New(cfg Config) (*Runner, error) {
 		}
 	}
 	limits := def.Limits()
-	uids, err := claimUIDs(cfg.UIDBase)
+	block, err := uids.Claim(cfg.UIDBase)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 	cg, cgErr := cgroup.Detect(cfg.Cgroup, cgroupLimits(limits), cfg.Nsjail, cfg.AllJailsMemory)
 	if cg == nil {
-		uids.close()
+		block.Close()
 		return nil, fmt.Errorf("%w: cgroups (%s) unusable: %w", ErrSandbox, cfg.Cgroup, cgErr)
 	}
 
 	// The harness goes into a file of its own, which the jail mounts read-only.
 	dir, err := os.MkdirTemp("", fmt.Sprintf("safepy-%d-harness-", os.Getpid()))
 	if err != nil {
-		uids.close()
+		block.Close()
 		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
@@ -201,16 +205,16 @@ func New(cfg Config) (*Runner, error) {
 	}
 	if err != nil {
 		os.RemoveAll(dir)
-		uids.close()
+		block.Close()
 		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
-	r := &Runner{cfg: cfg, def: def, limits: limits, timeNamespace: def.TimeNamespace(), cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: uids,
+	r := &Runner{cfg: cfg, def: def, limits: limits, timeNamespace: def.TimeNamespace(), cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: block,
 		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
 	if err := os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(def.ColdConfig()), 0o444); err != nil {
 		os.RemoveAll(dir)
-		uids.close()
+		block.Close()
 		cg.Close()
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
@@ -350,7 +354,7 @@ func (r *Runner) Close() error {
 	r.cleanups.Wait()
 	r.forks.close()
 	r.cgroups.Close()
-	r.uids.close()
+	r.uids.Close()
 	return os.RemoveAll(r.harnessDir)
 }
 
@@ -393,7 +397,7 @@ func (r *Runner) WarmJails() (ready, size int) {
 // (cmd/bench). Descriptors 3, 4 and 5 must be the script, the result channel and nsjail's log. Every jail started
 // with it is the same uid outside, which the runner keeps for it until Close.
 func (r *Runner) ColdCommand() (path string, args []string, err error) {
-	uid, err := r.uids.take()
+	uid, err := r.uids.Take()
 	if err != nil {
 		return "", nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}

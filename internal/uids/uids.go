@@ -1,4 +1,6 @@
-package sandbox
+// Package uids gives each jail alive at once a uid of its own outside, from a block of uids that owns nothing on
+// the host.
+package uids
 
 import (
 	"bufio"
@@ -18,21 +20,21 @@ import (
 // user outside, one script could use up such a quota for all of its neighbours. So each jail alive at once is a
 // uid of its own outside, taken from a block of uids that owns nothing on the host.
 //
-// The uids are carved into blocks of uidBlockSize from UIDBase on. A runner claims a whole block for itself with
+// The uids are carved into blocks of BlockSize from the configured base on. A runner claims a whole block for itself with
 // an exclusive lock on a file named after it (several servers, or test runners, may share a machine; the lock goes
 // with the process that holds it), and refuses a block in which any process runs, or that /etc/passwd or
 // /etc/group names.
 const (
-	// DefaultUIDBase is above the ranges container tools hand out (systemd-nspawn's end at 0x6FFFFFFF) and below
+	// DefaultBase is above the ranges container tools hand out (systemd-nspawn's end at 0x6FFFFFFF) and below
 	// 2^31, which some tools mishandle.
-	DefaultUIDBase = 0x70000000
-	uidBlockSize   = 1024
-	uidBlocks      = 64
+	DefaultBase = 0x70000000
+	BlockSize   = 1024
+	blocks      = 64
 )
 
-// uidPool hands out the uids of one claimed block.
-type uidPool struct {
-	base int
+// Block hands out the uids of one claimed block.
+type Block struct {
+	Base int // the block's first uid, which the fork servers run as; the jails get the others
 	lock *os.File
 
 	mu   sync.Mutex
@@ -40,9 +42,9 @@ type uidPool struct {
 	used map[int]bool
 }
 
-// claimUIDs claims the first free block at or above base.
-func claimUIDs(base int) (*uidPool, error) {
-	if base <= 0 || base+uidBlocks*uidBlockSize > 1<<31 {
+// Claim claims the first free block at or above base.
+func Claim(base int) (*Block, error) {
+	if base <= 0 || base+blocks*BlockSize > 1<<31 {
 		return nil, fmt.Errorf("uid base %d: the jails' uids must lie between 1 and 2^31", base)
 	}
 	named, err := namedIDs()
@@ -51,12 +53,12 @@ func claimUIDs(base int) (*uidPool, error) {
 	}
 	running := runningUIDs()
 	var reasons []string
-	for b := 0; b < uidBlocks; b++ {
-		lo := base + b*uidBlockSize
-		hi := lo + uidBlockSize
+	for b := 0; b < blocks; b++ {
+		lo := base + b*BlockSize
+		hi := lo + BlockSize
 		if id, ok := anyIn(named, lo, hi); ok {
 			return nil, fmt.Errorf("the jails' uid range %d-%d holds id %d, which /etc/passwd or /etc/group names; "+
-				"set SAFEPY_UID_BASE to a range that owns nothing on this host", base, base+uidBlocks*uidBlockSize-1, id)
+				"set SAFEPY_UID_BASE to a range that owns nothing on this host", base, base+blocks*BlockSize-1, id)
 		}
 		lockPath := filepath.Join(os.TempDir(), fmt.Sprintf("safepy-uids-%d.lock", lo))
 		f, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE, 0o600)
@@ -74,7 +76,7 @@ func claimUIDs(base int) (*uidPool, error) {
 			f.Close()
 			continue
 		}
-		p := &uidPool{base: lo, lock: f, used: map[int]bool{}}
+		p := &Block{Base: lo, lock: f, used: map[int]bool{}}
 		// The first uid of the block is kept back: a fork server (fork.go) runs as it.
 		for id := hi - 1; id > lo; id-- {
 			p.free = append(p.free, id)
@@ -93,8 +95,8 @@ func anyIn(ids map[int]bool, lo, hi int) (int, bool) {
 	return 0, false
 }
 
-// take returns a uid no other jail of this runner has.
-func (p *uidPool) take() (int, error) {
+// Take returns a uid no other jail of this runner has.
+func (p *Block) Take() (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.free) == 0 {
@@ -106,8 +108,8 @@ func (p *uidPool) take() (int, error) {
 	return id, nil
 }
 
-// give returns a uid once every process of its jail is gone.
-func (p *uidPool) give(id int) {
+// Give returns a uid once every process of its jail is gone.
+func (p *Block) Give(id int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if !p.used[id] {
@@ -117,8 +119,8 @@ func (p *uidPool) give(id int) {
 	p.free = append([]int{id}, p.free...)
 }
 
-// close releases the block.
-func (p *uidPool) close() {
+// Close releases the block.
+func (p *Block) Close() {
 	if p != nil && p.lock != nil {
 		os.Remove(p.lock.Name())
 		p.lock.Close()
