@@ -162,10 +162,11 @@ type jails struct {
 	clock *fakeClock
 
 	mu        sync.Mutex
-	noFork    bool // Fork fails: the pool goes cold
-	failStart bool // Start fails
-	failReady bool // forked jails do not come up
-	hold      bool // jails wait for come() before they are ready
+	noFork    bool          // Fork fails: the pool goes cold
+	failStart bool          // Start fails
+	failReady bool          // forked jails do not come up
+	hold      bool          // jails wait for come() before they are ready
+	startup   time.Duration // what a jail reports it took to come up
 	made      []*fakeJail
 	tries     []time.Time // when Fork (of a pool that forks) or Start was called
 	active    int         // cold jails coming up
@@ -173,7 +174,7 @@ type jails struct {
 }
 
 func (f *jails) newJail(forked, prefault bool) *fakeJail {
-	j := &fakeJail{id: len(f.made), forked: forked, prefault: prefault, clock: f.clock, began: f.clock.Now()}
+	j := &fakeJail{id: len(f.made), forked: forked, prefault: prefault, clock: f.clock, began: f.clock.Now().Add(-f.startup)}
 	if f.hold || forked && f.failReady {
 		j.up = make(chan error, 1)
 		if f.failReady {

@@ -101,6 +101,32 @@ func TestBareWhileBackToBackPrefaultedAtRest(t *testing.T) {
 	}
 }
 
+// Requests back to back still get prefaulted jails if they come far enough apart for one to be ready before a
+// request takes it: the jail forked now is taken about size requests from now.
+func TestPrefaultWhileRequestsLeaveTime(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		gap      time.Duration
+		prefault bool
+	}{{"2 × 60 ms apart, 40 ms to prefault", 60 * time.Millisecond, true}, {"2 × 20 ms apart, 40 ms to prefault", 20 * time.Millisecond, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &jails{startup: 40 * time.Millisecond}
+			p := newTestPool(t, setup{size: 2}, f)
+			eventually(t, "a full pool", func() bool { return p.Count() == 2 })
+			m := f.clock.mark()
+			p.Take() // the first in a long while: it waits refillDelay, then its replacement is prefaulted
+			idle(t, f, m, refillDelay)
+			f.clock.advance(tc.gap)
+			eventually(t, "the pool refilled", func() bool { return p.Count() == 2 && f.starts() == 3 })
+			p.Take()
+			eventually(t, "the pool refilled again", func() bool { return p.Count() == 2 && f.starts() == 4 })
+			if j := f.all()[3]; j.prefault != tc.prefault {
+				t.Fatalf("prefault=%v, want %v", j.prefault, tc.prefault)
+			}
+		})
+	}
+}
+
 // A request that finds the pool empty waits for a jail the pool is forming, if no other request waits for it, and
 // gives up after its bound or when its context ends; with nothing forming it does not wait at all.
 func TestAwaitForming(t *testing.T) {
@@ -239,17 +265,19 @@ func TestBackoff(t *testing.T) {
 func TestRetiresOldAndDeadJails(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
-		retire func(p *Pool[*fakeJail], f *jails, j *fakeJail)
+		retire func(t *testing.T, p *Pool[*fakeJail], f *jails, j *fakeJail)
 	}{
-		{"aged, found by the refill", func(p *Pool[*fakeJail], f *jails, j *fakeJail) { f.clock.advance(time.Second) }},
-		{"aged, found by a request", func(p *Pool[*fakeJail], f *jails, j *fakeJail) {
+		{"aged, found by the refill", func(t *testing.T, p *Pool[*fakeJail], f *jails, j *fakeJail) {
+			advanceUntil(t, f, time.Second, "the aged jail retired", j.wasDiscarded)
+		}},
+		{"aged, found by a request", func(t *testing.T, p *Pool[*fakeJail], f *jails, j *fakeJail) {
 			j.age(time.Second) // without moving the clock, which would wake the refill first
 			if _, ok := p.Take(); ok {
 				t.Fatal("a request took an aged jail")
 			}
 		}},
-		{"dead, found by the refill", func(p *Pool[*fakeJail], f *jails, j *fakeJail) { j.kill(); p.Poke() }},
-		{"dead, found by a request", func(p *Pool[*fakeJail], f *jails, j *fakeJail) {
+		{"dead, found by the refill", func(t *testing.T, p *Pool[*fakeJail], f *jails, j *fakeJail) { j.kill(); p.Poke() }},
+		{"dead, found by a request", func(t *testing.T, p *Pool[*fakeJail], f *jails, j *fakeJail) {
 			j.kill()
 			if _, ok := p.Take(); ok {
 				t.Fatal("a request took a dead jail")
@@ -262,7 +290,7 @@ func TestRetiresOldAndDeadJails(t *testing.T) {
 			eventually(t, "a full pool", func() bool { return p.Count() == 1 })
 			idle(t, f, 0, time.Second/4)
 			first := f.all()[0]
-			tc.retire(p, f, first)
+			tc.retire(t, p, f, first)
 			eventually(t, "a new jail", func() bool { return first.wasDiscarded() && p.Count() == 1 && f.starts() == 2 })
 			if j, ok := p.Take(); !ok || j == first {
 				t.Fatalf("took %v %v, want the new jail", j, ok)
@@ -321,7 +349,9 @@ func TestClose(t *testing.T) {
 			p := newTestPool(t, setup{size: 2}, f)
 			eventually(t, "a full pool", func() bool { return p.Count() == 2 })
 			f.set(func(f *jails) { f.hold = true })
+			m := f.clock.mark()
 			taken, _ := p.Take()
+			idle(t, f, m, refillDelay)
 			f.clock.advance(refillDelay)
 			eventually(t, "a jail under way", func() bool { return f.starts() == 3 })
 			p.Close()
