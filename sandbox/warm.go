@@ -32,7 +32,6 @@ func newPool(r *Runner, size int, maxAge time.Duration, preload []string) *pool.
 	return pool.New(pool.Config[warmJail]{
 		Size:   size,
 		MaxAge: maxAge,
-		// Forked from the pool's own fork server, which preloaded what the pool's jails import.
 		Fork: func(prefault bool) (warmJail, error) {
 			fs := r.forks.server(preload)
 			if fs == nil {
