@@ -43,7 +43,7 @@ func newForked(t *testing.T, pool int, set func(*Config)) *Runner {
 	}
 	if pool == 0 {
 		for _, p := range r.pools {
-			p.close()
+			p.Close()
 		}
 	}
 	return r

@@ -42,7 +42,6 @@ type jail struct {
 	begin   time.Time // the jail was started
 	readyAt time.Time // the harness said it was ready
 	stalled bool      // killed for not coming up within the start-up timeout
-	bare    bool      // forked for a pool without prefaulting (requests were coming back to back)
 }
 
 // launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the

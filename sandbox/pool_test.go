@@ -10,6 +10,8 @@ import (
 
 	"github.com/safe-py/safepy/internal/reap"
 	"golang.org/x/sys/unix"
+
+	"github.com/safe-py/safepy/internal/pool"
 )
 
 // newPooled returns a runner with a pool of size, whose pool is full; its jails are forked if forked. preload, if
@@ -152,17 +154,12 @@ func poolRecyclesAndCloses(t *testing.T, forked bool) {
 	// One preload set that comes up well within the maximum age, even cold on a busy machine.
 	r := newPooled(t, "", 1, 300*time.Millisecond, forked, "json")
 	p := r.pools[len(r.pools)-1]
-	p.mu.Lock()
-	first := p.ready[0]
-	p.mu.Unlock()
+	first := p.State().Ready[0]
 	waitUntil(t, "the old jail to be replaced", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return !first.alive() && len(p.ready) == 1 && p.ready[0] != first
+		ready := p.State().Ready
+		return !first.alive() && len(ready) == 1 && ready[0] != first
 	})
-	p.mu.Lock()
-	last := append([]*jail{}, p.ready...)
-	p.mu.Unlock()
+	last := p.State().Ready
 	r.Close()
 	if n, _ := r.WarmJails(); n != 0 {
 		t.Fatalf("%d warm jails after Close", n)
@@ -221,11 +218,7 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 	if out, err := runWith(t, r, hello); err != nil || !out.Warm {
 		t.Fatalf("the ready jail: warm=%v %v", out.Warm, err)
 	}
-	waitUntil(t, "the pool to fork its next jail", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.pending == 1
-	})
+	waitUntil(t, "the pool to fork its next jail", func() bool { return p.State().Forming == 1 })
 	type result struct {
 		out Outcome
 		err error
@@ -235,11 +228,7 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 		out, err := runWith(t, r, hello)
 		done <- result{out, err}
 	}()
-	waitUntil(t, "the request to wait for that jail", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.waiting == 1
-	})
+	waitUntil(t, "the request to wait for that jail", func() bool { return p.State().Waiting == 1 })
 	reap.Signal(fs.cg, unix.SIGCONT)
 	res := <-done
 	if res.err != nil || !res.out.Warm || !res.out.Forked || string(res.out.Result) != "1" {
@@ -251,30 +240,25 @@ func TestARequestWaitsForTheJailBeingForked(t *testing.T) {
 func makeBare(t *testing.T, r *Runner, i int) {
 	t.Helper()
 	p := r.pools[i]
-	waitUntil(t, "a warm jail", func() bool { return p.count() == 1 })
-	p.mu.Lock()
-	p.bareIdle = time.Hour
+	waitUntil(t, "a warm jail", func() bool { return p.Count() == 1 })
+	p.SetBareIdle(time.Hour)
 	// A request just came, and still just came however long the refill takes to look (a loaded machine may
 	// take longer than seldom to get there): the pool forks its next jail bare, without depending on timing.
-	p.hold, p.lastTake = false, time.Now().Add(time.Hour)
-	j := p.takeLocked()
-	p.mu.Unlock()
+	p.SetLastTake(time.Now().Add(time.Hour))
+	j, _ := p.Remove()
 	j.discard()
-	p.poke()
+	p.Poke()
 	waitUntil(t, "a bare jail", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return len(p.ready) == 1 && p.ready[0].bare
+		s := p.State()
+		return len(s.Ready) == 1 && s.Bare[0]
 	})
 }
 
 // restBare undoes makeBare: the pools replace bare jails again once requests stop.
 func restBare(r *Runner) {
 	for _, p := range r.pools {
-		p.mu.Lock()
-		p.bareIdle = seldom
-		p.mu.Unlock()
-		p.poke()
+		p.SetBareIdle(pool.Seldom)
+		p.Poke()
 	}
 }
 
@@ -284,26 +268,22 @@ func restBare(r *Runner) {
 func TestBareJailsAreReplacedAtRest(t *testing.T) {
 	r := newPooled(t, "", 1, time.Hour, true, "json")
 	p := r.pools[0]
-	p.mu.Lock()
-	p.lastTake = time.Now()
-	p.bareIdle = time.Hour
-	p.mu.Unlock()
+	p.SetLastTake(time.Now())
+	p.SetBareIdle(time.Hour)
 	if out, err := runWith(t, r, "def main():\n    return 1\n"); err != nil || !out.Warm {
 		t.Fatalf("warm=%v %v", out.Warm, err)
 	}
-	waitUntil(t, "the next jail", func() bool { return p.count() == 1 })
-	p.mu.Lock()
-	bare := p.ready[0].bare
-	p.bareIdle = 0
-	p.mu.Unlock()
+	waitUntil(t, "the next jail", func() bool { return p.Count() == 1 })
+	bare := p.State().Bare[0]
+	p.SetBareIdle(0)
 	if !bare {
 		t.Fatal("a jail forked right after a request's was prefaulted")
 	}
 	if ready, all := r.WarmJails(); ready == all {
 		t.Fatal("a pool holding a bare jail counts itself full")
 	}
-	p.poke()
-	waitUntil(t, "the bare jail to be replaced by a prefaulted one", func() bool { return p.settled() == 1 })
+	p.Poke()
+	waitUntil(t, "the bare jail to be replaced by a prefaulted one", func() bool { return p.Settled() == 1 })
 	if ready, all := r.WarmJails(); ready != all {
 		t.Fatalf("%d of %d warm jails at rest", ready, all)
 	}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/safe-py/safepy/internal/cgroup"
 	"github.com/safe-py/safepy/internal/jaildef"
+	"github.com/safe-py/safepy/internal/pool"
 	"github.com/safe-py/safepy/internal/uids"
 )
 
@@ -111,10 +112,10 @@ type Runner struct {
 	forks         *forking         // nil: every jail is cold
 	forkNote      string           // why there are no fork servers
 	forkFails     atomic.Int64
-	pools         []*pool        // pools[i] preloads Preload[:i]: pools[0] is plain
-	cleanups      sync.WaitGroup // jails being destroyed in the background
-	running       atomic.Int64   // executions under way
-	refilling     chan struct{}  // one token: the pools launch one jail at a time between them
+	pools         []*pool.Pool[warmJail] // pools[i] preloads Preload[:i]: pools[0] is plain
+	cleanups      sync.WaitGroup         // jails being destroyed in the background
+	running       atomic.Int64           // executions under way
+	refilling     chan struct{}          // one token: the pools launch one jail at a time between them
 
 	mu       sync.Mutex
 	closed   bool
@@ -316,8 +317,8 @@ func (r *Runner) takeWarm(want int) *jail {
 		if r.forks != nil && i < want {
 			break
 		}
-		if j := r.pools[i].take(); j != nil {
-			return j
+		if j, ok := r.pools[i].Take(); ok {
+			return j.jail
 		}
 	}
 	return nil
@@ -348,7 +349,7 @@ func (r *Runner) Close() error {
 	r.closed = true
 	r.mu.Unlock()
 	for _, p := range r.pools {
-		p.close()
+		p.Close()
 	}
 	r.inflight.Wait()
 	r.cleanups.Wait()
@@ -387,8 +388,8 @@ func (r *Runner) jailArgs(uid int, preload []string) []string {
 // are at rest when it reports them full.
 func (r *Runner) WarmJails() (ready, size int) {
 	for _, p := range r.pools {
-		ready += p.settled()
-		size += p.size
+		ready += p.Settled()
+		size += p.Size()
 	}
 	return ready, size
 }
@@ -424,13 +425,15 @@ func (r *Runner) Run(ctx context.Context, script []byte, files ...File) (Outcome
 	defer func() {
 		r.running.Add(-1)
 		for _, p := range r.pools {
-			p.poke()
+			p.Poke()
 		}
 	}()
 	want := r.preloadIndex(script) // a scan of the whole script: once
 	j := r.takeWarm(want)
 	if j == nil && r.forks != nil {
-		j = r.pools[want].awaitForming(ctx, formingWait)
+		if w, ok := r.pools[want].AwaitForming(ctx, formingWait); ok {
+			j = w.jail
+		}
 	}
 	warm := j != nil
 	if !warm {
