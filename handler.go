@@ -28,7 +28,7 @@ import (
 // 503: answers being written free their room as their clients read them, or within seconds when they do not.
 const answerWait = time.Second
 
-// ServeHTTP routes the contract's paths: POST /execute, GET /health (and /healthz), 404 for the rest.
+// ServeHTTP routes the contract's paths: POST /execute, /mcp, GET /health (and /healthz), 404 for the rest.
 func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/execute":
@@ -51,6 +51,8 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
 			Request: loggable(r), RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
 			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
+	case "/mcp":
+		s.serveMCP(w, r)
 	case "/health", "/healthz": // Cloud Run's front end answers paths ending in z itself: /health is for it
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			methodNotAllowed(w, "GET, HEAD")
@@ -63,7 +65,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	default:
 		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
-			Message: fmt.Sprintf("no such path %q; use POST /execute", clip(r.URL.Path, maxLoggedLen))}, nil)
+			Message: fmt.Sprintf("no such path %q; use POST /execute or /mcp", clip(r.URL.Path, maxLoggedLen))}, nil)
 	}
 }
 
