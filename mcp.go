@@ -108,7 +108,10 @@ func (s *Service) newMCPHandler() (http.Handler, error) {
 	server := mcp.NewServer(&mcp.Implementation{Name: "safe-py", Title: "safe-py: run Python in a sandbox", Version: "1"},
 		&mcp.ServerOptions{Instructions: "Run Python scripts in a fresh sandbox with the run_python tool."})
 	out, err := jsonschema.For[runOutput](&jsonschema.ForOptions{
-		TypeSchemas: map[reflect.Type]*jsonschema.Schema{reflect.TypeFor[json.RawMessage](): {}}})
+		// Any JSON value; with a description, since an empty schema is written as `true`, which some clients (the
+		// TypeScript SDK's) refuse as a property's schema.
+		TypeSchemas: map[reflect.Type]*jsonschema.Schema{reflect.TypeFor[json.RawMessage](): {
+			Description: "what main() returned, as JSON (absent on an error)"}}})
 	if err != nil {
 		return nil, fmt.Errorf("the tool's output schema: %w", err)
 	}
