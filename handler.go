@@ -18,6 +18,7 @@ import (
 	"cloud.google.com/go/logging"
 
 	"github.com/safe-py/safepy/internal/admission"
+	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/internal/cloudlog"
 	"github.com/safe-py/safepy/internal/connlimit"
 	"github.com/safe-py/safepy/sandbox"
@@ -27,7 +28,7 @@ import (
 // 503: answers being written free their room as their clients read them, or within seconds when they do not.
 const answerWait = time.Second
 
-// ServeHTTP routes the contract's paths: POST /execute, GET /health (and /healthz), 404 for the rest.
+// ServeHTTP routes the contract's paths: POST /execute, /mcp, GET /health (and /healthz), 404 for the rest.
 func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/execute":
@@ -50,6 +51,8 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
 			Request: loggable(r), RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
 			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
+	case "/mcp":
+		s.serveMCP(w, r)
 	case "/health", "/healthz": // Cloud Run's front end answers paths ending in z itself: /health is for it
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			methodNotAllowed(w, "GET, HEAD")
@@ -62,7 +65,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	default:
 		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
-			Message: fmt.Sprintf("no such path %q; use POST /execute", clip(r.URL.Path, maxLoggedLen))}, nil)
+			Message: fmt.Sprintf("no such path %q; use POST /execute or /mcp", clip(r.URL.Path, maxLoggedLen))}, nil)
 	}
 }
 
@@ -72,9 +75,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 //
 // What the request holds in memory is counted in the service's budget from its first byte to its last: its body as
 // it arrives (a client that announces a large body and sends it slowly holds only what it sent, and is cut off
-// below bodyRate), then the answer until the client has it. The connection is held (connlimit.Hold) only while
-// the request waits for a slot and runs: reading a body, or writing an answer the client may not read, it can be
-// closed to make room like an idle one.
+// below bodyRate), then the answer until the client has it.
 func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	held := s.mem.NewHold()
 	defer held.Release()
@@ -86,25 +87,61 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 		writeError(w, status, *verr, nil)
 		return []slog.Attr{slog.String("outcome", verr.Type)}
 	}
+	x := s.run(r.Context(), &req, held, 1)
+	switch {
+	case x.refused != nil:
+		return s.overloaded(w, x.entry, x.refused.retryAfter, x.refused.message)
+	case x.answer == nil:
+		return x.entry
+	}
+	sent, err := send(w, x.answer)
+	entry := append(x.entry, slog.Int64("answer_sent", sent))
+	if err != nil {
+		entry = append(entry, slog.String("answer_error", err.Error()))
+	}
+	return entry
+}
+
+// execution is what run made of a request: an answer to send, or a refusal (503), or neither when the client left.
+type execution struct {
+	answer  *answer
+	refused *refusal
+	entry   []slog.Attr // for the request's log entry
+}
+
+// refusal is a 503's content: when to retry, and why.
+type refusal struct {
+	retryAfter time.Duration
+	message    string
+}
+
+// run takes a validated request through the admission gate into a jail and makes its answer: the one way a script
+// runs, whichever way it came in. held holds the request (its script and files); once the script has run it is
+// made the answer's size times cost (what the caller's encoding of the answer holds at its largest, in answers),
+// which the caller keeps until the client has the answer. req is cleared once the jail has it.
+//
+// The connection is held (connlimit.Hold) only while the request waits for a slot and runs: reading a body, or
+// writing an answer the client may not read, it can be closed to make room like an idle one.
+func (s *Service) run(ctx context.Context, req *executeRequest, held *budget.Hold, cost int64) execution {
 	script := req.Script
 	sum := sha256.Sum256(script)
 	begin := time.Now()
 	entry := []slog.Attr{slog.Int("script_bytes", len(script)), slog.String("script_sha256", hex.EncodeToString(sum[:8]))}
-	unhold := connlimit.Hold(r.Context())
+	unhold := connlimit.Hold(ctx)
 	defer unhold()
-	release, err := s.gate.Acquire(r.Context())
+	release, err := s.gate.Acquire(ctx)
 	entry = append(entry, slog.Float64("queue_ms", ms(time.Since(begin))))
 	if err != nil {
-		var refusal *admission.Refusal
-		if !errors.As(err, &refusal) {
-			return append(entry, slog.String("outcome", "canceled")) // the client left while queued
+		var ref *admission.Refusal
+		if !errors.As(err, &ref) {
+			return execution{entry: append(entry, slog.String("outcome", "canceled"))} // the client left while queued
 		}
-		return s.overloaded(w, entry, refusal.RetryAfter,
-			fmt.Sprintf("all %d execution slots are busy and the queue cannot serve this request within %s; retry later",
-				s.gate.Slots(), s.gate.Wait()))
+		return execution{entry: entry, refused: &refusal{retryAfter: ref.RetryAfter, message: fmt.Sprintf(
+			"all %d execution slots are busy and the queue cannot serve this request within %s; retry later",
+			s.gate.Slots(), s.gate.Wait())}}
 	}
-	out, err := s.runner.Run(r.Context(), script, req.Files...)
-	req, script = executeRequest{}, nil // not needed any more: the hold becomes the answer's
+	out, err := s.runner.Run(ctx, script, req.Files...)
+	*req, script = executeRequest{}, nil // not needed any more: the hold becomes the answer's
 	entry = append(entry, slog.Bool("warm", out.Warm), slog.Bool("forked", out.Forked), slog.Int64("jail_base_bytes", out.BaseMemory),
 		slog.Int64("jail_peak_bytes", out.PeakMemory), slog.Float64("startup_ms", ms(out.Timing.Startup)), slog.Float64("run_ms", ms(out.Timing.Run)),
 		slog.Float64("total_ms", ms(time.Since(begin))))
@@ -122,7 +159,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
 		// The client went away; the jail is already gone. There is nobody to answer.
 		release()
-		return append(entry, slog.String("outcome", "canceled"))
+		return execution{entry: append(entry, slog.String("outcome", "canceled"))}
 	default:
 		a = &answer{status: http.StatusInternalServerError,
 			err: &apiError{Type: "InternalError", Message: "the sandbox failed; this is not caused by the script"}}
@@ -133,21 +170,16 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 	}
 	// The answer is held in memory until the client has it. Room for it is found while the slot is still held, so
 	// that answers waiting for room never outnumber the slots.
-	ctx, cancel := context.WithTimeout(r.Context(), answerWait)
-	err = held.Resize(ctx, a.size())
+	wait, cancel := context.WithTimeout(ctx, answerWait)
+	err = held.Resize(wait, cost*a.size())
 	cancel()
 	release()
-	entry = append(entry, slog.Int64("answer_bytes", a.size()))
+	entry = append(entry, slog.Int64("answer_bytes", cost*a.size()))
 	if err != nil {
-		return s.overloaded(w, entry, answerWait, "the server is writing too many large answers at once; retry later")
+		return execution{entry: entry, refused: &refusal{retryAfter: answerWait,
+			message: "the server is writing too many large answers at once; retry later"}}
 	}
-	unhold()
-	sent, err := send(w, a)
-	entry = append(entry, slog.Int64("answer_sent", sent))
-	if err != nil {
-		entry = append(entry, slog.String("answer_error", err.Error()))
-	}
-	return entry
+	return execution{answer: a, entry: entry}
 }
 
 // overloaded answers 503 with a Retry-After in whole seconds, rounded up.

@@ -67,37 +67,9 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
 		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
 	}
-	tooLarge := func() (executeRequest, int, *apiError) {
-		w.Header().Set("Connection", "close")
-		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
-	}
-	if r.ContentLength > maxBody {
-		// A client that asked before sending gets its answer without sending; one that sends anyway is read
-		// (within a bound) so that it can read the answer.
-		if r.Header.Get("Expect") != "100-continue" && r.ContentLength <= maxBody+maxDiscard {
-			discard(w, r.Body, r.ContentLength)
-		}
-		return tooLarge()
-	}
-	rc := http.NewResponseController(w)
-	setDeadline := func(t time.Time) error { return unsupportedOK(rc.SetReadDeadline(t)) }
-	paced := &pace.Reader{R: r.Body, Rate: bodyRate, Start: time.Now(), SetDeadline: setDeadline}
-	body, err := io.ReadAll(io.LimitReader(&bodyReader{r: paced, held: held}, maxBody+1))
-	// No deadline once the body is in: the server's read of the connection that notices a client that goes away
-	// would take one that passes for that, and cancel the request.
-	_ = setDeadline(time.Time{})
-	switch {
-	case errors.Is(err, errBodyBudget):
-		return executeRequest{}, http.StatusServiceUnavailable, &apiError{Type: "Overloaded", Message: errBodyBudget.Error()}
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		w.Header().Set("Connection", "close")
-		return invalid(http.StatusBadRequest, "the request body arrived slower than %d bytes a second", bodyRate.BytesPerSec)
-	case err != nil:
-		return invalid(http.StatusBadRequest, "could not read the request body")
-	}
-	if int64(len(body)) > maxBody {
-		discard(w, r.Body, maxDiscard)
-		return tooLarge()
+	body, status, aerr := readBody(w, r, held, maxBody)
+	if aerr != nil {
+		return executeRequest{}, status, aerr
 	}
 	// Checking and decoding the body takes a few times its size for a moment (its tokens, the fields' raw text, the
 	// decoded strings): that is held too, and what the request keeps (its script and files) is what it holds after.
@@ -130,6 +102,62 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &script) != nil {
 		return invalid(http.StatusBadRequest, "'script' must be a string")
 	}
+	req, status, aerr := checkRequest(script, fields["files"], maxScript, maxInodes)
+	if aerr != nil {
+		return req, status, aerr
+	}
+	held.Shrink(held.Bytes() - req.size())
+	return req, 0, nil
+}
+
+// readBody reads a request's whole body, at most maxBody bytes, charging it to held as it arrives and keeping the
+// client to bodyRate. A body over the cap is 413 (with a bounded excess read first, see maxDiscard); no room in
+// the budget is 503.
+func readBody(w http.ResponseWriter, r *http.Request, held *budget.Hold, maxBody int64) ([]byte, int, *apiError) {
+	invalid := func(status int, format string, args ...any) ([]byte, int, *apiError) {
+		return nil, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
+	}
+	tooLarge := func() ([]byte, int, *apiError) {
+		w.Header().Set("Connection", "close")
+		return invalid(http.StatusRequestEntityTooLarge, "request body is over the limit of %d bytes", maxBody)
+	}
+	if r.ContentLength > maxBody {
+		// A client that asked before sending gets its answer without sending; one that sends anyway is read
+		// (within a bound) so that it can read the answer.
+		if r.Header.Get("Expect") != "100-continue" && r.ContentLength <= maxBody+maxDiscard {
+			discard(w, r.Body, r.ContentLength)
+		}
+		return tooLarge()
+	}
+	rc := http.NewResponseController(w)
+	setDeadline := func(t time.Time) error { return unsupportedOK(rc.SetReadDeadline(t)) }
+	paced := &pace.Reader{R: r.Body, Rate: bodyRate, Start: time.Now(), SetDeadline: setDeadline}
+	body, err := io.ReadAll(io.LimitReader(&bodyReader{r: paced, held: held}, maxBody+1))
+	// No deadline once the body is in: the server's read of the connection that notices a client that goes away
+	// would take one that passes for that, and cancel the request.
+	_ = setDeadline(time.Time{})
+	switch {
+	case errors.Is(err, errBodyBudget):
+		return nil, http.StatusServiceUnavailable, &apiError{Type: "Overloaded", Message: errBodyBudget.Error()}
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		w.Header().Set("Connection", "close")
+		return invalid(http.StatusBadRequest, "the request body arrived slower than %d bytes a second", bodyRate.BytesPerSec)
+	case err != nil:
+		return invalid(http.StatusBadRequest, "could not read the request body")
+	}
+	if int64(len(body)) > maxBody {
+		discard(w, r.Body, maxDiscard)
+		return tooLarge()
+	}
+	return body, 0, nil
+}
+
+// checkRequest makes a request of a decoded script and the raw JSON of its files (nil when there are none): the
+// checks every way in (POST /execute, the MCP tool) shares, so a request is accepted or refused alike on each.
+func checkRequest(script string, rawFiles json.RawMessage, maxScript, maxInodes int) (executeRequest, int, *apiError) {
+	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
+		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
+	}
 	if script == "" {
 		return invalid(http.StatusBadRequest, "'script' must not be empty")
 	}
@@ -137,19 +165,22 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 		return invalid(http.StatusRequestEntityTooLarge, "'script' is over the limit of %d bytes of UTF-8", maxScript)
 	}
 	var files []sandbox.File
-	if raw, ok := fields["files"]; ok {
+	if rawFiles != nil {
 		var msg string
-		if files, msg = decodeFiles(raw, maxInodes); msg != "" {
+		if files, msg = decodeFiles(rawFiles, maxInodes); msg != "" {
 			return invalid(http.StatusBadRequest, "%s", msg)
 		}
 	}
-	req := executeRequest{Script: []byte(script), Files: files}
-	kept := int64(len(req.Script))
-	for _, f := range files {
-		kept += int64(len(f.Path) + len(f.Data))
+	return executeRequest{Script: []byte(script), Files: files}, 0, nil
+}
+
+// size is what the request holds in memory: its script and files.
+func (req *executeRequest) size() int64 {
+	n := int64(len(req.Script))
+	for _, f := range req.Files {
+		n += int64(len(f.Path) + len(f.Data))
 	}
-	held.Shrink(held.Bytes() - kept)
-	return req, 0, nil
+	return n
 }
 
 // decodeFiles reads the request's files: an array of at most sandbox.MaxFiles objects, each exactly a relative

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,7 @@ type Service struct {
 	log    *slog.Logger
 	ready  atomic.Bool
 	mem    *budget.Budget // bytes of request bodies and answers held in memory at once
+	mcp    http.Handler   // /mcp
 }
 
 // memoryBudget bounds what the server holds for its clients at once: request bodies as they arrive and while
@@ -103,7 +105,13 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	// The largest a request can hold: its body while it is decoded, or its answer (a compacted copy of its result
 	// too) at the caps.
 	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(cfg.Sandbox.MaxResultBytes))
-	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate, mem: budget.New(max(memoryBudget, 2*largest), smallHold, cfg.MaxConns)}
+	// An MCP answer holds more than /execute's (mcpAnswerCost): one at the caps must fit, or no wait would help it.
+	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate,
+		mem: budget.New(max(memoryBudget, 2*largest, mcpAnswerCost*largest), smallHold, cfg.MaxConns)}
+	if s.mcp, err = s.newMCPHandler(); err != nil {
+		runner.Close()
+		return nil, err
+	}
 	s.ready.Store(true)
 	return s, nil
 }

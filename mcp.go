@@ -1,0 +1,410 @@
+package safepy
+
+// /mcp: the Model Context Protocol over Streamable HTTP, with one tool, run_python, that runs a script exactly as
+// POST /execute does (Service.run) and gives the answer in the shapes a model reads: text, images, resources.
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net/http"
+	"net/url"
+	"path"
+	"reflect"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/jsonschema-go/jsonschema"
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+
+	"github.com/safe-py/safepy/internal/budget"
+	"github.com/safe-py/safepy/internal/cloudlog"
+	"github.com/safe-py/safepy/sandbox"
+)
+
+// mcpAnswerCost is what an answer holds while the tool's result is made and sent, in answers as /execute sends them:
+// the result, stdout and stderr twice (text and structured content), the files decoded, then the whole response
+// encoded by the SDK before it is written.
+const mcpAnswerCost = 4
+
+// runPythonArgs are the tool's arguments: the contract's request. files stays raw so that decodeFiles, the very
+// checks /execute makes, decides about it.
+type runPythonArgs struct {
+	Script string          `json:"script"`
+	Files  json.RawMessage `json:"files,omitempty"`
+}
+
+// runOutput is the tool's structured content: the contract's answer less the files' contents (which come as image
+// and resource content), with error set when the script failed or the call was refused.
+type runOutput struct {
+	Result          json.RawMessage `json:"result,omitempty"`
+	Stdout          string          `json:"stdout"`
+	StdoutTruncated bool            `json:"stdout_truncated"`
+	Stderr          string          `json:"stderr"`
+	StderrTruncated bool            `json:"stderr_truncated"`
+	Files           []mcpFile       `json:"files"`
+	FilesTruncated  bool            `json:"files_truncated"`
+	FilesOmitted    []mcpFile       `json:"files_omitted"`
+	Error           *toolError      `json:"error,omitempty"`
+}
+
+type mcpFile struct {
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+}
+
+type toolError struct {
+	Type              string `json:"type"`
+	Message           string `json:"message"`
+	Limit             string `json:"limit,omitempty"`
+	Traceback         string `json:"traceback,omitempty"`
+	RetryAfterSeconds int    `json:"retry_after_seconds,omitempty"`
+}
+
+// mcpCall is what the HTTP request behind a tool call gives the call: the request's context (its connection, for
+// connlimit, and its trace, for the log) and the holds on the budget that must last until the answer is written,
+// which is after the tool's handler returns.
+type mcpCall struct {
+	ctx   context.Context
+	mu    sync.Mutex
+	holds []*budget.Hold
+}
+
+type mcpCallKey struct{}
+
+func (c *mcpCall) newHold(b *budget.Budget) *budget.Hold {
+	h := b.NewHold()
+	c.mu.Lock()
+	c.holds = append(c.holds, h)
+	c.mu.Unlock()
+	return h
+}
+
+func (c *mcpCall) release() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, h := range c.holds {
+		h.Release()
+	}
+	c.holds = nil
+}
+
+// newMCPHandler makes /mcp's handler. Stateless: each POST stands alone, so any instance behind Cloud Run's load
+// balancer (or any process under the Functions Framework) serves any call, and a tool call holds no state anyway.
+//
+// Against DNS rebinding (a web page that makes a browser call a server on the user's loopback) the SDK refuses, by
+// default, a request that arrives on a loopback address with a Host that is not loopback, and the standard
+// library's cross-origin protection refuses a browser's cross-site POST (Sec-Fetch-Site or an Origin that is not
+// the Host). Neither stands in Cloud Run's way: its requests arrive on no loopback address, and an agent is no
+// browser and sends no Origin.
+func (s *Service) newMCPHandler() (http.Handler, error) {
+	server := mcp.NewServer(&mcp.Implementation{Name: "safe-py", Title: "safe-py: run Python in a sandbox", Version: "1"},
+		&mcp.ServerOptions{Instructions: "Run Python scripts in a fresh sandbox with the run_python tool."})
+	out, err := jsonschema.For[runOutput](&jsonschema.ForOptions{
+		// Any JSON value; with a description, since an empty schema is written as `true`, which some clients (the
+		// TypeScript SDK's) refuse as a property's schema.
+		TypeSchemas: map[reflect.Type]*jsonschema.Schema{reflect.TypeFor[json.RawMessage](): {
+			Description: "what main() returned, as JSON (absent on an error)"}}})
+	if err != nil {
+		return nil, fmt.Errorf("the tool's output schema: %w", err)
+	}
+	mcp.AddTool(server, &mcp.Tool{
+		Name:         "run_python",
+		Title:        "Run Python",
+		Description:  s.toolDescription(),
+		InputSchema:  inputSchema(),
+		OutputSchema: out,
+		Annotations:  &mcp.ToolAnnotations{ReadOnlyHint: true, OpenWorldHint: new(bool)},
+	}, s.runPython)
+	h := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return server }, &mcp.StreamableHTTPOptions{
+		Stateless: true, JSONResponse: true, Logger: s.log, MaxRequestBodyBytes: s.cfg.MaxBodyBytes})
+	return http.NewCrossOriginProtection().Handler(h), nil
+}
+
+// toolDescription tells a model the contract's rules, with the limits this server's jails really have.
+func (s *Service) toolDescription() string {
+	l := s.runner.Limits()
+	return fmt.Sprintf(`Run a Python 3 script in a fresh, isolated sandbox and return what main() returns.
+- The script must define main() (no arguments). Its return value, which must be JSON-serializable (dicts, lists, str, int, float, bool, None), is the result. print() goes to stdout.
+- numpy, pandas and matplotlib are installed; nothing else can be installed. There is no network.
+- Limits: %s wall-clock time, %d MiB of memory, %d processes, %d MiB per file written.
+- /sandbox is the working directory. files (optional) are written there before the script runs: [{"path": "data/in.csv", "content": "<base64>"}]. Files the script leaves there come back (images, e.g. plt.savefig("plot.png"), as images), at most %d files and %d MiB in all.
+- Each call is a fresh sandbox: nothing (variables, files, imports) is kept between calls.`,
+		l.Wall, l.MemoryBytes>>20, l.Processes, l.FileSizeMiB, sandbox.MaxFiles, sandbox.MaxOutputBytes>>20)
+}
+
+func inputSchema() *jsonschema.Schema {
+	return &jsonschema.Schema{
+		Type:     "object",
+		Required: []string{"script"},
+		Properties: map[string]*jsonschema.Schema{
+			"script": {Type: "string", MinLength: jsonschema.Ptr(1),
+				Description: "Python source that defines main(); main()'s return value is the result"},
+			"files": {Type: "array", MaxItems: jsonschema.Ptr(sandbox.MaxFiles),
+				Description: "input files, written under /sandbox before the script runs",
+				Items: &jsonschema.Schema{
+					Type:     "object",
+					Required: []string{"path", "content"},
+					Properties: map[string]*jsonschema.Schema{
+						"path":    {Type: "string", Description: "relative path under /sandbox, e.g. data/in.csv"},
+						"content": {Type: "string", ContentEncoding: "base64", Description: "the file's bytes in standard base64"},
+					},
+					AdditionalProperties: &jsonschema.Schema{Not: &jsonschema.Schema{}},
+				}},
+		},
+		AdditionalProperties: &jsonschema.Schema{Not: &jsonschema.Schema{}},
+	}
+}
+
+// serveMCP caps and reads the body as /execute does (the same cap, the same budget, the same pace), then hands the
+// request to the SDK with the body in memory.
+func (s *Service) serveMCP(w http.ResponseWriter, r *http.Request) {
+	call := &mcpCall{ctx: cloudlog.WithRequest(r.Context(), r)}
+	defer call.release()
+	if r.Method == http.MethodPost {
+		held := call.newHold(s.mem)
+		head := &prefix{max: 4 << 10}
+		r.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.TeeReader(r.Body, head), r.Body}
+		body, status, aerr := readBody(w, r, held, s.cfg.MaxBodyBytes)
+		if aerr != nil {
+			rpcError(w, status, requestID(head.b), aerr.Message)
+			return
+		}
+		// The SDK reads the body whole and parses it: a few times its size for a moment, as for /execute.
+		if !held.TryGrow(decodeCost * int64(len(body))) {
+			rpcError(w, http.StatusServiceUnavailable, requestID(body), errBodyBudget.Error())
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	s.mcp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpCallKey{}, call)))
+}
+
+// rpcError refuses a request the SDK never saw with the HTTP status /execute would give it, and a JSON-RPC error
+// as the body: a client reads that as this one request's failure and keeps its session (a bare status ends it).
+func rpcError(w http.ResponseWriter, status int, id any, message string) {
+	if status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "1")
+	}
+	b, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": id,
+		"error": map[string]any{"code": -32600, "message": message}})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+// prefix keeps the first max bytes written to it.
+type prefix struct {
+	b   []byte
+	max int
+}
+
+func (p *prefix) Write(b []byte) (int, error) {
+	if n := min(len(b), p.max-len(p.b)); n > 0 {
+		p.b = append(p.b, b[:n]...)
+	}
+	return len(b), nil
+}
+
+// requestID finds a JSON-RPC request's id in the start of its body (a body refused for its size is not read whole):
+// clients write it before the params. nil when it is not there.
+func requestID(head []byte) any {
+	dec := json.NewDecoder(bytes.NewReader(head))
+	dec.UseNumber()
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil
+	}
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		var v any
+		if err := dec.Decode(&v); err != nil {
+			return nil
+		}
+		if key == "id" {
+			switch v.(type) {
+			case json.Number, string:
+				return v
+			}
+			return nil
+		}
+	}
+	return nil
+}
+
+// runPython is the tool: the arguments checked as /execute checks a body's, then Service.run.
+func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runPythonArgs) (*mcp.CallToolResult, *runOutput, error) {
+	call, _ := ctx.Value(mcpCallKey{}).(*mcpCall)
+	if call == nil { // not through serveMCP: nothing to keep the answer's room until it is written
+		call = &mcpCall{ctx: ctx}
+		defer call.release()
+	}
+	// The HTTP request's values (its connection, its trace) with the cancellation of both the request and the call.
+	rctx, cancel := context.WithCancel(call.ctx)
+	defer cancel()
+	defer context.AfterFunc(ctx, cancel)()
+
+	begin := time.Now()
+	req, _, verr := checkRequest(in.Script, in.Files, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
+	if verr != nil {
+		s.logCall(rctx, begin, []slog.Attr{slog.String("outcome", verr.Type)})
+		return errorResult(&toolError{Type: verr.Type, Message: verr.Message}, nil)
+	}
+	held := call.newHold(s.mem)
+	if !held.TryGrow(req.size()) {
+		return s.refuse(rctx, begin, nil, &refusal{retryAfter: time.Second, message: errBodyBudget.Error()})
+	}
+	x := s.run(rctx, &req, held, mcpAnswerCost)
+	switch {
+	case x.refused != nil:
+		return s.refuse(rctx, begin, x.entry, x.refused)
+	case x.answer == nil:
+		s.logCall(rctx, begin, x.entry)
+		return nil, nil, fmt.Errorf("the call was canceled: %w", context.Cause(rctx))
+	}
+	s.logCall(rctx, begin, x.entry)
+	a := x.answer
+	if a.err != nil {
+		// An internal error's message is the generic one run made; its cause is in the log only.
+		return errorResult(&toolError{Type: a.err.Type, Message: a.err.Message, Limit: a.err.Limit, Traceback: a.err.Traceback}, a.out)
+	}
+	res, out := toolResult(a.out, nil)
+	return res, out, nil
+}
+
+// refuse is the tool's 503: an error result that says when to retry.
+func (s *Service) refuse(ctx context.Context, begin time.Time, entry []slog.Attr, ref *refusal) (*mcp.CallToolResult, *runOutput, error) {
+	s.logCall(ctx, begin, append(entry, slog.String("outcome", "Overloaded")))
+	secs := int((ref.retryAfter + time.Second - 1) / time.Second)
+	return errorResult(&toolError{Type: "Overloaded", RetryAfterSeconds: secs,
+		Message: fmt.Sprintf("%s (retry after %d seconds)", ref.message, secs)}, nil)
+}
+
+// logCall writes a tool call's log entry, as /execute writes one per request (less the HTTP request, which is the
+// SDK's and may carry other messages).
+func (s *Service) logCall(ctx context.Context, begin time.Time, entry []slog.Attr) {
+	level := slog.LevelInfo
+	for _, a := range entry {
+		if a.Key == "outcome" && a.Value.String() == "InternalError" {
+			level = slog.LevelError
+		} else if a.Key == "outcome" && a.Value.String() == "Overloaded" {
+			level = slog.LevelWarn
+		}
+	}
+	s.log.LogAttrs(ctx, level, "execution", append(entry, slog.String("via", "mcp"),
+		slog.Float64("call_ms", ms(time.Since(begin))))...)
+}
+
+func errorResult(e *toolError, o *sandbox.Outcome) (*mcp.CallToolResult, *runOutput, error) {
+	res, out := toolResult(o, e)
+	res.IsError = true
+	return res, out, nil
+}
+
+// toolResult makes the tool's result of an outcome (nil when the script did not start) and an error (nil on
+// success): the structured content, a text for the model, each image as an image and each other file as a resource.
+func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, *runOutput) {
+	out := &runOutput{Files: []mcpFile{}, FilesOmitted: []mcpFile{}, Error: e}
+	if o != nil {
+		if e == nil {
+			out.Result = o.Result
+		}
+		out.Stdout, out.StdoutTruncated, out.Stderr, out.StderrTruncated = o.Stdout, o.StdoutTruncated, o.Stderr, o.StderrTruncated
+		out.FilesTruncated = o.FilesTruncated
+		for _, f := range o.Files {
+			out.Files = append(out.Files, mcpFile{Path: f.Path, Size: f.Size})
+		}
+		for _, f := range o.FilesOmitted {
+			out.FilesOmitted = append(out.FilesOmitted, mcpFile{Path: f.Path, Size: f.Size})
+		}
+	}
+	res := &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: summary(out, o != nil && o.Started)}}}
+	if o != nil {
+		for _, f := range o.Files {
+			data, err := base64.StdEncoding.DecodeString(f.Content)
+			if err != nil { // the sandbox checked every file's base64; a file that is not is left out, not sent wrong
+				continue
+			}
+			res.Content = append(res.Content, fileContent(f.Path, data))
+		}
+	}
+	return res, out
+}
+
+// imageTypes are the images a model can see: sniffed from the bytes, since a script may name a file as it likes.
+var imageTypes = map[string]bool{"image/png": true, "image/jpeg": true, "image/gif": true, "image/webp": true}
+
+func fileContent(p string, data []byte) mcp.Content {
+	sniffed := http.DetectContentType(data)
+	if imageTypes[sniffed] {
+		return &mcp.ImageContent{Data: data, MIMEType: sniffed, Meta: mcp.Meta{"path": p}}
+	}
+	mt := mime.TypeByExtension(path.Ext(p))
+	if mt == "" {
+		mt = sniffed
+	}
+	u := url.URL{Scheme: "file", Path: "/sandbox/" + p}
+	return &mcp.EmbeddedResource{Resource: &mcp.ResourceContents{URI: u.String(), MIMEType: mt, Blob: data}}
+}
+
+// summary is the text a model reads: the error or the result, then stdout, stderr and the files, each labelled.
+func summary(out *runOutput, started bool) string {
+	var b strings.Builder
+	if e := out.Error; e != nil {
+		fmt.Fprintf(&b, "%s: %s\n", e.Type, e.Message)
+		if e.Limit != "" {
+			fmt.Fprintf(&b, "limit: %s\n", e.Limit)
+		}
+		if e.Traceback != "" {
+			fmt.Fprintf(&b, "\ntraceback:\n%s\n", strings.TrimRight(e.Traceback, "\n"))
+		}
+	} else {
+		var r bytes.Buffer
+		if json.Indent(&r, out.Result, "", "  ") != nil {
+			r.Reset()
+			r.Write(out.Result)
+		}
+		fmt.Fprintf(&b, "result (JSON):\n%s\n", r.Bytes())
+	}
+	if !started {
+		return b.String()
+	}
+	section := func(name, text string, truncated bool) {
+		if text == "" {
+			fmt.Fprintf(&b, "\n%s: (empty)\n", name)
+			return
+		}
+		fmt.Fprintf(&b, "\n%s:\n%s\n", name, strings.TrimSuffix(text, "\n"))
+		if truncated {
+			fmt.Fprintf(&b, "(%s was cut at its cap)\n", name)
+		}
+	}
+	section("stdout", out.Stdout, out.StdoutTruncated)
+	section("stderr", out.Stderr, out.StderrTruncated)
+	if len(out.Files) > 0 {
+		b.WriteString("\nfiles left in /sandbox (attached):\n")
+		for _, f := range out.Files {
+			fmt.Fprintf(&b, "- %s (%s bytes)\n", f.Path, strconv.FormatInt(f.Size, 10))
+		}
+	}
+	if out.FilesTruncated {
+		b.WriteString("\nfiles not returned (over the caps):\n")
+		for _, f := range out.FilesOmitted {
+			fmt.Fprintf(&b, "- %s (%d bytes)\n", f.Path, f.Size)
+		}
+	}
+	return b.String()
+}
