@@ -15,11 +15,8 @@ import (
 	"strconv"
 	"time"
 
-	"cloud.google.com/go/logging"
-
 	"github.com/safe-py/safepy/internal/admission"
 	"github.com/safe-py/safepy/internal/budget"
-	"github.com/safe-py/safepy/internal/cloudlog"
 	"github.com/safe-py/safepy/internal/connlimit"
 	"github.com/safe-py/safepy/sandbox"
 )
@@ -27,47 +24,6 @@ import (
 // answerWait bounds how long an answer waits for room in the budget, holding its slot, before the request gets
 // 503: answers being written free their room as their clients read them, or within seconds when they do not.
 const answerWait = time.Second
-
-// ServeHTTP routes the contract's paths: POST /execute, /mcp, GET /health (and /healthz), 404 for the rest.
-func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	switch r.URL.Path {
-	case "/execute":
-		if r.Method != http.MethodPost {
-			methodNotAllowed(w, "POST")
-			return
-		}
-		// One log entry per execution request, written once the answer is out, with its httpRequest and trace.
-		begin := time.Now()
-		r = r.WithContext(cloudlog.WithRequest(r.Context(), r))
-		rec := &recorder{ResponseWriter: w}
-		entry := s.execute(rec, r)
-		level := slog.LevelInfo
-		if rec.status >= 500 {
-			level = slog.LevelError
-			if rec.status == http.StatusServiceUnavailable {
-				level = slog.LevelWarn
-			}
-		}
-		s.log.LogAttrs(r.Context(), level, "execution", append(entry, slog.Any(cloudlog.HTTPRequestKey, &logging.HTTPRequest{
-			Request: loggable(r), RequestSize: r.ContentLength, Status: rec.status, ResponseSize: rec.size,
-			Latency: time.Since(begin), RemoteIP: remoteIP(r.RemoteAddr)}))...)
-	case "/mcp":
-		s.serveMCP(w, r)
-	case "/health", "/healthz": // Cloud Run's front end answers paths ending in z itself: /health is for it
-		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			methodNotAllowed(w, "GET, HEAD")
-			return
-		}
-		if !s.ready.Load() {
-			writeError(w, http.StatusServiceUnavailable, apiError{Type: "Unavailable", Message: "not ready"}, nil)
-			return
-		}
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-	default:
-		writeError(w, http.StatusNotFound, apiError{Type: "NotFound",
-			Message: fmt.Sprintf("no such path %q; use POST /execute or /mcp", clip(r.URL.Path, maxLoggedLen))}, nil)
-	}
-}
 
 // execute answers one execution request and returns what its log entry says: the outcome, the limit hit, the
 // durations, the script's size and a hash, what the answer held and how much of it was written. Never the script,
