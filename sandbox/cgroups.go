@@ -22,7 +22,7 @@ func cgroupLimits(l Limits) cgroup.Limits {
 
 // clockSetup is what the thread that forks a cold jail's nsjail does first: a time namespace whose clocks start
 // with the jail (clocks.go), where the jail has one.
-func (r *Runner) clockSetup() func() error {
+func (r *parts) clockSetup() func() error {
 	if r.timeNamespace {
 		return freshTimeNamespace
 	}

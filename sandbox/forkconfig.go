@@ -36,7 +36,7 @@ type childMount struct {
 
 // newChildPlan assembles a child's plan: the derived mounts, the jail's identity and limits, and the cold jail's
 // seccomp program.
-func (r *Runner) newChildPlan(fs jaildef.ForkServer, program []byte) childPlan {
+func (r *parts) newChildPlan(fs jaildef.ForkServer, program []byte) childPlan {
 	rlimits := map[string]Rlimit{}
 	for k, v := range r.limits.Rlimits {
 		rlimits[k] = v

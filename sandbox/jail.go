@@ -24,7 +24,7 @@ const startupCPUSeconds = 20
 // nsjail process of its own) or forked (a child of a fork server, which reports its status on a pipe); from the
 // script's arrival on, the two are the same jail.
 type jail struct {
-	r          *Runner
+	r          *parts
 	cmd        *exec.Cmd   // cold: nsjail
 	fs         *forkServer // forked: its fork server
 	cg         cgroup.Cgroup
@@ -44,22 +44,8 @@ type jail struct {
 	stalled bool      // killed for not coming up within the start-up timeout
 }
 
-// launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the
-// fork server of that preload set if one is ready, else cold. A warm jail (one for a pool) also takes, ahead of
-// time, the copies of the fork server's pages a typical script would write.
-func (r *Runner) launch(preload []string, warm bool) (*jail, error) {
-	if fs := r.forks.server(preload); fs != nil {
-		j, err := r.launchForked(fs, preload, warm)
-		if err == nil {
-			return j, nil
-		}
-		r.logForkFailure(err)
-	}
-	return r.launchCold(preload)
-}
-
 // launchForked asks a fork server for a jail.
-func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (*jail, error) {
+func (r *parts) launchForked(fs *forkServer, preload []string, prefault bool) (*jail, error) {
 	uid, err := r.uids.Take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
@@ -129,7 +115,7 @@ func (r *Runner) launchForked(fs *forkServer, preload []string, prefault bool) (
 // (fs.prefault) instead. A script that copies what the typical one does then has what it has cold; one that copies
 // less has up to that much more (the limit cannot know), one that copies more has less. Never above a cold
 // jail's limit: the memory the service sets aside per slot (MemoryPlan) holds one jail at its limit.
-func (r *Runner) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
+func (r *parts) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
 	room := fs.copies
 	if prefault {
 		room = max(room, fs.prefault)
@@ -138,7 +124,7 @@ func (r *Runner) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
 }
 
 // launchCold starts a jail with an nsjail process of its own.
-func (r *Runner) launchCold(preload []string) (*jail, error) {
+func (r *parts) launchCold(preload []string) (*jail, error) {
 	uid, err := r.uids.Take()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)

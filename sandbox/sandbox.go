@@ -7,15 +7,11 @@ package sandbox
 
 import (
 	"context"
-	"crypto/rand"
 	_ "embed"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -23,7 +19,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/safe-py/safepy/internal/cgroup"
@@ -42,94 +37,21 @@ const AddressSpaceAllowance = 192 << 20
 // milliseconds) before it makes one of its own: only a jail that is stuck would take longer.
 const formingWait = time.Second
 
-// DefaultUIDBase is where the jails' outside uids start unless Config.UIDBase says otherwise.
-const DefaultUIDBase = uids.DefaultBase
-
-// Config says where the sandbox's pieces are. The zero value of each size means its default.
-type Config struct {
-	// Log is where the sandbox reports what it works around (a fork server that failed, a jail that starts cold
-	// instead); the service passes its own, so that these lines are Cloud Logging's JSON under every server.
-	// Default: slog.Default().
-	Log *slog.Logger
-
-	Nsjail     string // the nsjail binary
-	JailConfig string // nsjail.cfg
-	// Definition is nsjail.cfg already read (jaildef.Read with Nsjail and JailConfig), for a caller that needed its
-	// limits before making the Runner; nil: New reads it.
-	Definition *jaildef.Definition
-	RuntimeDir string // what runtime/install.sh installed: python/ is mounted at /usr/local in the jail
-	Cgroup     string // "auto" (default), "v1", "v2" or "none"
-
-	MaxStdoutBytes int // default 1 MiB
-	MaxStderrBytes int // default 1 MiB
-	MaxResultBytes int // default 1 MiB
-
-	// Warm jails are kept started ahead of time, waiting for a script, in pools of PoolSize each: plain ones (the
-	// interpreter up) and one pool per prefix of Preload (with the default: numpy; numpy and pandas; those and
-	// matplotlib.pyplot). A script gets
-	// a jail from the smallest pool that has every Preload module it names, so a warm jail does ahead of time only
-	// what the script would have done itself, never more. A warm jail serves one script and is destroyed; one
-	// older than PoolMaxAge is replaced without serving. PoolSize 0 turns the pools off: every jail starts cold,
-	// on the request's path.
-	PoolSize   int
-	PoolMaxAge time.Duration // default 5 minutes
-	Preload    []string      // default numpy, pandas, matplotlib.pyplot
-	// AllJailsMemory caps the memory of all jails together (running and warm), where there are cgroups; 0: no cap.
-	AllJailsMemory int64
-
-	// Busy reports that the service has no CPU to spare: the pools do not refill while it is true, so a
-	// saturated service runs exactly as it would with no pools. Default: as many executions run as there are CPUs.
-	Busy func() bool
-
-	// StartupTimeout bounds how long a jail may take to come up before the sandbox counts as broken.
-	StartupTimeout time.Duration // default 20 s
-
-	// UIDBase is where the range of outside uids for the jails starts (see internal/uids). Default DefaultUIDBase.
-	UIDBase int
-
-	// ForkServers makes jails by forking them from fork servers (forkserver.go), where the host allows it, instead
-	// of starting an nsjail per jail. The warm pools are then refilled by fork. PoolSize 0 turns them off too.
-	ForkServers     bool
-	ForkServerAge   time.Duration // a fork server older than this is replaced; default 10 minutes
-	ForkServerForks int64         // a fork server that forked this many children is replaced; default 1000
-}
-
 // Runner runs scripts. It is safe for concurrent use; the caller bounds the concurrency.
 type Runner struct {
-	cfg        Config
-	def        *jaildef.Definition // nsjail.cfg, read once
-	limits     Limits
-	cgroups    cgroup.Manager
-	cgroupErr  error
-	harnessDir string
-	uids       *uids.Block
-	// timeNamespace: each jail gets a time namespace whose clocks start with it (nsjail.cfg's clone_newtime,
-	// made by the sandbox itself: clocks.go).
-	timeNamespace bool
-	opts          []string         // nsjail's options, rendered once; each jail adds its uid
-	command       []string         // what nsjail runs; the harness's configuration is added per jail
-	imports       []*regexp.Regexp // imports[i]: a script imports Preload[i]'s package
-	forks         *forking         // nil: every jail is cold
-	forkNote      string           // why there are no fork servers
-	forkFails     atomic.Int64
-	pools         []*pool.Pool[warmJail] // pools[i] preloads Preload[:i]: pools[0] is plain
-	cleanups      sync.WaitGroup         // jails being destroyed in the background
-	running       atomic.Int64           // executions under way
-	refilling     chan struct{}          // one token: the pools launch one jail at a time between them
+	parts     // what its jails are made of
+	cgroupErr error
+	imports   []*regexp.Regexp // imports[i]: a script imports Preload[i]'s package
+	forks     *forking         // nil: every jail is cold
+	forkNote  string           // why there are no fork servers
+	forkFails atomic.Int64
+	pools     []*pool.Pool[warmJail] // pools[i] preloads Preload[:i]: pools[0] is plain
+	running   atomic.Int64           // executions under way
+	refilling chan struct{}          // one token: the pools launch one jail at a time between them
 
 	mu       sync.Mutex
 	closed   bool
 	inflight sync.WaitGroup // Run calls under way
-}
-
-// Info describes how the sandbox is enforcing its policy on this host, for the start-up log.
-type Info struct {
-	CgroupMode CgroupMode
-	CgroupNote string // why cgroups are not used, in rlimits mode
-	Path       string // "forked" when jails are forked from fork servers, else "cold"
-	PathNote   string // why jails are cold
-	Limits     Limits
-	Versions   string // what runtime/install.sh installed (nsjail, Python, packages)
 }
 
 // New checks the sandbox's pieces, prepares what every execution shares, and starts the pools of warm jails (if
@@ -211,8 +133,8 @@ func New(cfg Config) (*Runner, error) {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
 
-	r := &Runner{cfg: cfg, def: def, limits: limits, timeNamespace: def.TimeNamespace(), cgroups: cg, cgroupErr: cgErr, harnessDir: dir, uids: block,
-		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}, refilling: make(chan struct{}, 1)}
+	r := &Runner{parts: parts{cfg: cfg, def: def, limits: limits, timeNamespace: def.TimeNamespace(), cgroups: cg, harnessDir: dir, uids: block,
+		command: []string{"/usr/local/bin/python3", "-I", "-u", "/safepy/harness.py"}}, cgroupErr: cgErr, refilling: make(chan struct{}, 1)}
 	if err := os.WriteFile(filepath.Join(dir, "jail.cfg"), []byte(def.ColdConfig()), 0o444); err != nil {
 		os.RemoveAll(dir)
 		block.Close()
@@ -252,27 +174,14 @@ func New(cfg Config) (*Runner, error) {
 	case cg.Mode() == CgroupNone:
 		r.forkNote = "fork servers need cgroups"
 	default:
-		if r.forks, err = startForking(r, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
+		if r.forks, err = startForking(&r.parts, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
 			r.forkNote = "this host does not allow the fork path: " + err.Error()
 		}
 	}
 	for i := 0; i <= len(cfg.Preload); i++ {
-		r.pools = append(r.pools, newPool(r, cfg.PoolSize, cfg.PoolMaxAge, cfg.Preload[:i]))
+		r.pools = append(r.pools, r.newPool(cfg.PoolSize, cfg.PoolMaxAge, cfg.Preload[:i]))
 	}
 	return r, nil
-}
-
-// commonOpts are the nsjail options a cold jail and a fork server share.
-func (r *Runner) commonOpts(configPath string) []string {
-	runtimePython, _ := filepath.Abs(filepath.Join(r.cfg.RuntimeDir, "python"))
-	return []string{
-		"--config", configPath,
-		"--log_fd", "5",
-		// The Go side owns the cgroup (see internal/cgroup) and the deadline; nsjail's own timer is only a backstop.
-		"--cgroup_mem_max", "0", "--cgroup_pids_max", "0", "--cgroup_cpu_ms_per_sec", "0",
-		"--bindmount_ro", runtimePython + ":/usr/local",
-		"--bindmount_ro", filepath.Join(r.harnessDir, "harness.py") + ":/safepy/harness.py",
-	}
 }
 
 // logForkFailure logs a request that could not be forked (it goes cold), at most once a second.
@@ -359,30 +268,6 @@ func (r *Runner) Close() error {
 	return os.RemoveAll(r.harnessDir)
 }
 
-// harnessConfig is what the harness is told on its command line.
-type harnessConfig struct {
-	CPUSeconds   int64             `json:"cpu"`            // the script's CPU-time limit, counted from its arrival
-	Rlimits      map[string]Rlimit `json:"rlimits"`        // the limits nsjail cannot set (jaildef.PinnedRlimits)
-	Preload      []string          `json:"preload"`        // modules to import before the script arrives
-	MaxFiles     int               `json:"max_files"`      // the output files' caps (files.go)
-	MaxFileBytes int               `json:"max_file_bytes"` //
-	MaxPathBytes int               `json:"max_path_bytes"` // the longest path an answer names
-	CollectCPU   float64           `json:"collect_cpu"`    // the walk of /sandbox's bound, seconds of CPU
-}
-
-func (r *Runner) harnessConfig(preload []string) harnessConfig {
-	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: jaildef.PinnedRlimits, Preload: preload,
-		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes, MaxPathBytes: maxPathBytes, CollectCPU: collectCPU}
-}
-
-// jailArgs is nsjail's command line for a jail whose processes are uid outside, preloading preload.
-func (r *Runner) jailArgs(uid int, preload []string) []string {
-	hc, _ := json.Marshal(r.harnessConfig(preload))
-	args := append([]string{}, r.opts...)
-	args = append(args, "--user", fmt.Sprintf("%d:%d:1", jailUID, uid), "--")
-	return append(append(args, r.command...), string(hc))
-}
-
 // WarmJails is how many warm jails are ready now, in all pools, and how many the pools keep. Bare jails (forked
 // without prefaulting while requests came back to back, and replaced once they stop) do not count: the pools
 // are at rest when it reports them full.
@@ -460,62 +345,44 @@ func (r *Runner) Run(ctx context.Context, script []byte, files ...File) (Outcome
 	return out, err
 }
 
-// stdoutText is what a client sees of the script's output: bytes that are not UTF-8 become U+FFFD.
-func stdoutText(b []byte) string { return strings.ToValidUTF8(string(b), "\uFFFD") }
-
-func exitCode(err error) int {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return 128 + int(ws.Signal())
+// launch starts a jail whose harness has the preload modules imported before it reports ready: forked from the
+// fork server of that preload set if one is ready, else cold. A warm jail (one for a pool) also takes, ahead of
+// time, the copies of the fork server's pages a typical script would write.
+func (r *Runner) launch(preload []string, warm bool) (*jail, error) {
+	if fs := r.forks.server(preload); fs != nil {
+		j, err := r.launchForked(fs, preload, warm)
+		if err == nil {
+			return j, nil
 		}
-		return ee.ExitCode()
+		r.logForkFailure(err)
 	}
-	if err != nil {
-		return -1
-	}
-	return 0
+	return r.launchCold(preload)
 }
 
-func newID() string {
-	b := make([]byte, 8)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
+var errNoForkServer = errors.New("no fork server for the pool")
 
-// hint turns nsjail's account of a jail that could not be made into what to do about it.
-func hint(nsjailLog []byte) string {
-	log := string(nsjailLog)
-	switch {
-	case strings.Contains(log, "clone(flags=") && strings.Contains(log, "CLONE_NEWUSER") && strings.Contains(log, "failed"):
-		return ". Hint: this host refuses new user namespaces. On Cloud Run, deploy with --execution-environment=gen2 " +
-			"(gen1's gVisor refuses what nsjail needs); elsewhere run as root on a kernel that allows user namespaces " +
-			"(user.max_user_namespaces > 0)"
-	case strings.Contains(log, "try 'chmod o+x'"):
-		return ". Hint: the jail's user cannot reach the runtime directory; every directory above SAFEPY_RUNTIME_DIR " +
-			"must be searchable by others (or install the runtime elsewhere, such as /opt/safe-py)"
-	}
-	return ""
-}
-
-// firstLines returns the first n of nsjail's errors (or, if it logged none, its warnings): the first error is the
-// cause, what follows are its consequences, and its informational lines say nothing of either.
-func firstLines(b []byte, n int) string {
-	var errs, warnings []string
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		switch {
-		case strings.HasPrefix(l, "[I]") || strings.HasPrefix(l, "[D]"):
-		case strings.HasPrefix(l, "[W]"):
-			warnings = append(warnings, l)
-		default:
-			errs = append(errs, l)
-		}
-	}
-	if len(errs) == 0 {
-		errs = warnings
-	}
-	if len(errs) > n {
-		errs = errs[:n]
-	}
-	return strings.Join(errs, " | ")
+// newPool starts a pool of warm jails that import preload before they are ready.
+func (r *Runner) newPool(size int, maxAge time.Duration, preload []string) *pool.Pool[warmJail] {
+	return pool.New(pool.Config[warmJail]{
+		Size:   size,
+		MaxAge: maxAge,
+		Fork: func(prefault bool) (warmJail, error) {
+			fs := r.forks.server(preload)
+			if fs == nil {
+				return warmJail{}, errNoForkServer
+			}
+			j, err := r.launchForked(fs, preload, prefault)
+			if err != nil {
+				r.logForkFailure(err)
+				return warmJail{}, err
+			}
+			return warmJail{j}, nil
+		},
+		Start: func() (warmJail, error) {
+			j, err := r.launch(preload, true)
+			return warmJail{j}, err
+		},
+		Busy: r.cfg.Busy,
+		Turn: r.refilling,
+	})
 }

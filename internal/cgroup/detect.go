@@ -1,18 +1,11 @@
 package cgroup
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
-	"strings"
-	"sync/atomic"
-
-	"golang.org/x/sys/unix"
 )
 
 // Detect finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it, its runner's
@@ -109,85 +102,4 @@ func prove(m Manager, l Limits, probe string) error {
 		err = rerr
 	}
 	return err
-}
-
-type mount struct {
-	fstype string
-	dir    string
-	opts   map[string]bool
-}
-
-func readMounts(path string) ([]mount, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return parseMounts(f)
-}
-
-// parseMounts reads the cgroup file systems of a mountinfo file.
-func parseMounts(r io.Reader) ([]mount, error) {
-	var out []mount
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 3 || (qf[0] != "cgroup" && qf[0] != "cgroup2") {
-			continue
-		}
-		m := mount{fstype: qf[0], dir: pf[4], opts: map[string]bool{}}
-		for _, o := range strings.Split(qf[2], ",") {
-			m.opts[o] = true
-		}
-		out = append(out, m)
-	}
-	return out, sc.Err()
-}
-
-// parseOwn reads /proc/self/cgroup: controller (or "" for v2) to this process's path in that hierarchy.
-func parseOwn(data []byte) map[string]string {
-	out := map[string]string{}
-	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		for _, c := range strings.Split(parts[1], ",") {
-			out[c] = parts[2]
-		}
-	}
-	return out
-}
-
-// runnerSeq numbers the runners of this process.
-var runnerSeq atomic.Int64
-
-// runnerDir names a new runner's cgroup directory: this process's pid (a dead server's directories are found by
-// it) and a number.
-func runnerDir() string { return fmt.Sprintf("%d-%d", os.Getpid(), runnerSeq.Add(1)) }
-
-// removeStale removes what servers that are gone left under a "safepy" directory: their jails' cgroups, if empty,
-// and their own.
-func removeStale(safepy string) {
-	entries, _ := os.ReadDir(safepy)
-	for _, e := range entries {
-		pidText, _, ok := strings.Cut(e.Name(), "-")
-		pid, err := strconv.Atoi(pidText)
-		if !ok || err != nil || !e.IsDir() || unix.Kill(pid, 0) == nil {
-			continue
-		}
-		dir := filepath.Join(safepy, e.Name())
-		jails, _ := os.ReadDir(dir)
-		for _, j := range jails {
-			if j.IsDir() {
-				os.Remove(filepath.Join(dir, j.Name()))
-			}
-		}
-		os.Remove(dir)
-	}
 }
