@@ -486,7 +486,7 @@ func brokenRunner(t *testing.T, c Config) *sandbox.Runner {
 	fake := filepath.Join(dir, "nsjail")
 	os.WriteFile(fake, []byte("#!/bin/sh\nexit 1\n"), 0o755)
 	c.Sandbox.Nsjail, c.Sandbox.Definition = fake, def
-	r, err := sandbox.New(c.Sandbox)
+	r, err := sandbox.New(context.Background(), c.Sandbox)
 	if err != nil {
 		t.Fatal(err)
 	}

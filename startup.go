@@ -126,7 +126,10 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	// The pools refill only while a slot is free and nobody waits: under saturation every CPU goes to requests.
 	cfg.Sandbox.Busy = func() bool { running, waiting := gate.InUse(); return running >= cfg.Slots || waiting > 0 }
 	cfg.Sandbox.Log = log
-	runner, err := sandbox.New(cfg.Sandbox)
+	// The sandbox's set-up (the fork servers' start and proof) and the self-check have a minute between them.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	runner, err := sandbox.New(ctx, cfg.Sandbox)
 	if err != nil {
 		return nil, err
 	}
@@ -141,8 +144,6 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 		log.Warn("no usable cgroups: memory and processes are limited per process with rlimits",
 			append(attrs, "reason", info.CgroupNote)...)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
 	out, err := runner.Run(ctx, []byte(selfCheck))
 	if err == nil && (string(out.Result) != selfCheckWant || out.Stdout != "self-check\n") {
 		err = fmt.Errorf("unexpected answer %s with stdout %q", out.Result, out.Stdout)
@@ -155,7 +156,7 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 		"self_check_run", out.Timing.Run.String())...)
 	// The largest a request can hold: its body while it is decoded, or its answer (a compacted copy of its result
 	// too) at the caps.
-	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(cfg.Sandbox.MaxResultBytes))
+	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(runner.Config().MaxResultBytes))
 	// An MCP answer holds more than /execute's (mcpAnswerCost): one at the caps must fit, or no wait would help it.
 	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate,
 		mem: budget.New(max(memoryBudget, 2*largest, mcpAnswerCost*largest), smallHold, cfg.MaxConns)}

@@ -33,7 +33,7 @@ func newForked(t *testing.T, pool int, set func(*Config)) *Runner {
 	if set != nil {
 		set(&cfg)
 	}
-	r, err := New(cfg)
+	r, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +53,7 @@ func newForked(t *testing.T, pool int, set func(*Config)) *Runner {
 // jail; under it is only the fork server's own, which refuses a subset of what it refuses.
 func TestForkedJailHasTheColdSeccompFilter(t *testing.T) {
 	r := newForked(t, 0, nil)
-	cold, err := r.coldSeccompProgram()
+	cold, err := r.coldSeccompProgram(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -360,7 +360,7 @@ func TestFallbackToCold(t *testing.T) {
 	cfg := testConfig()
 	cfg.ForkServers, cfg.PoolSize = true, 1
 	cfg.Preload = []string{"numpy", "no_such_module_safepy"}
-	r, err := New(cfg)
+	r, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -378,7 +378,7 @@ func TestFallbackToCold(t *testing.T) {
 func TestCloseLeavesNothing(t *testing.T) {
 	cfg := testConfig()
 	cfg.ForkServers, cfg.PoolSize = true, 1
-	r, err := New(cfg)
+	r, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

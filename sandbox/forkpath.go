@@ -17,12 +17,12 @@ import (
 
 // startForking prepares and starts the fork servers, and proves the path with a real request through each. Any
 // failure means no fork servers on this host: the error says why, and the caller runs every request cold.
-func startForking(r *parts, set forkServerSettings) (*forking, error) {
+func startForking(ctx context.Context, r *parts, set forkServerSettings) (*forking, error) {
 	d, err := r.def.ForkServer()
 	if err != nil {
 		return nil, err
 	}
-	program, err := r.coldSeccompProgram()
+	program, err := r.coldSeccompProgram(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("reading the cold jail's seccomp filter: %w", err)
 	}
@@ -64,7 +64,7 @@ func startForking(r *parts, set forkServerSettings) (*forking, error) {
 	for _, s := range f.slots {
 		fs, err := s.start()
 		if err == nil {
-			err = fs.prove()
+			err = fs.prove(ctx)
 		}
 		if err != nil {
 			if fs != nil {
@@ -79,13 +79,13 @@ func startForking(r *parts, set forkServerSettings) (*forking, error) {
 }
 
 // coldSeccompProgram starts a cold jail and reads the seccomp program nsjail installed in it.
-func (r *parts) coldSeccompProgram() ([]byte, error) {
+func (r *parts) coldSeccompProgram(ctx context.Context) ([]byte, error) {
 	j, err := r.launchCold(nil)
 	if err != nil {
 		return nil, err
 	}
 	defer j.discard()
-	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.StartupTimeout)
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.StartupTimeout)
 	defer cancel()
 	if err := j.awaitReady(ctx); err != nil {
 		return nil, err
@@ -105,13 +105,13 @@ func (r *parts) coldSeccompProgram() ([]byte, error) {
 }
 
 // prove runs a script through the fork server: the host allows everything the path needs.
-func (fs *forkServer) prove() error {
+func (fs *forkServer) prove(ctx context.Context) error {
 	r := fs.slot.f.r
 	j, err := r.launchForked(fs, fs.slot.preload, false)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.StartupTimeout)
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.StartupTimeout)
 	defer cancel()
 	if err := j.awaitReady(ctx); err != nil {
 		_, ferr := j.finish(false, nil)

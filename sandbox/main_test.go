@@ -81,10 +81,10 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "sandbox tests: %s\n", note)
 	}
 	if err == nil {
-		forkedRunner, err = New(sharedConfig(true))
+		forkedRunner, err = New(context.Background(), sharedConfig(true))
 	}
 	if err == nil {
-		coldRunner, err = New(sharedConfig(false))
+		coldRunner, err = New(context.Background(), sharedConfig(false))
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "sandbox tests need the real runtime (run `make test`): %v\n", err)

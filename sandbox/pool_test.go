@@ -23,7 +23,7 @@ func newPooled(t *testing.T, cgroup string, size int, maxAge time.Duration, fork
 	if preload != nil {
 		cfg.Preload = preload
 	}
-	r, err := New(cfg)
+	r, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

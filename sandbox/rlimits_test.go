@@ -14,7 +14,7 @@ import (
 func TestRlimitFallback(t *testing.T) {
 	cfg := testConfig()
 	cfg.Cgroup = "none"
-	r, err := New(cfg)
+	r, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -55,8 +55,9 @@ type Runner struct {
 }
 
 // New checks the sandbox's pieces, prepares what every execution shares, and starts the pools of warm jails (if
-// PoolSize > 0). Whether a jail can actually run a script is for the caller to check, with a real Run.
-func New(cfg Config) (*Runner, error) {
+// PoolSize > 0). ctx bounds the set-up: the fork servers' start and their proof with a real request. Whether a
+// cold jail can run a script is for the caller to check, with a real Run.
+func New(ctx context.Context, cfg Config) (*Runner, error) {
 	if cfg.MaxStdoutBytes <= 0 {
 		cfg.MaxStdoutBytes = 1 << 20
 	}
@@ -174,7 +175,7 @@ func New(cfg Config) (*Runner, error) {
 	case cg.Mode() == CgroupNone:
 		r.forkNote = "fork servers need cgroups"
 	default:
-		if r.forks, err = startForking(&r.parts, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
+		if r.forks, err = startForking(ctx, &r.parts, forkServerSettings{MaxAge: cfg.ForkServerAge, MaxForks: cfg.ForkServerForks}); err != nil {
 			r.forkNote = "this host does not allow the fork path: " + err.Error()
 		}
 	}
@@ -191,6 +192,9 @@ func (r *Runner) logForkFailure(err error) {
 		r.cfg.Log.Warn("a jail could not be forked; it starts cold", "error", err.Error())
 	}
 }
+
+// Config is the runner's configuration, with its defaults filled in.
+func (r *Runner) Config() Config { return r.cfg }
 
 // Info reports the enforcement mode and limits.
 func (r *Runner) Info() Info {

@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -475,7 +476,7 @@ def stopped_poll():
 // allowed. This kernel has no x32 ABI, so a jail's script cannot tell the filter's ENOSYS from the kernel's; the
 // program read from a real cold jail, run in a BPF interpreter over every number, can.
 func TestSeccompFilterHoldsOtherABIs(t *testing.T) {
-	program, err := coldRunner.coldSeccompProgram()
+	program, err := coldRunner.coldSeccompProgram(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -152,7 +152,7 @@ func run(n int, pace time.Duration, svgPath string) error {
 		case "floor":
 			c := cfg.Sandbox
 			c.PoolSize = 0
-			r, err := sandbox.New(c)
+			r, err := sandbox.New(context.Background(), c)
 			if err != nil {
 				return err
 			}
