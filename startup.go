@@ -18,7 +18,6 @@ import (
 	"github.com/safe-py/safepy/internal/admission"
 	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/internal/cloudlog"
-	"github.com/safe-py/safepy/internal/jaildef"
 	"github.com/safe-py/safepy/sandbox"
 )
 
@@ -103,9 +102,9 @@ const selfCheckWant = `{"uid": 1000, "rows": 2, "sum": 3}`
 func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	// The slots and the pools are sized from the limits before there is a Runner; the Runner gets the definition
 	// read here, so that nsjail.cfg is read once.
-	def, err := jaildef.Read(cfg.Sandbox.Nsjail, cfg.Sandbox.JailConfig)
+	def, err := sandbox.ReadDefinition(cfg.Sandbox)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", sandbox.ErrSandbox, err)
+		return nil, err
 	}
 	cfg.Sandbox.Definition = def
 	limits := def.Limits()

@@ -54,6 +54,22 @@ type Runner struct {
 	inflight sync.WaitGroup // Run calls under way
 }
 
+// ReadDefinition checks that the sandbox's pieces are installed and reads nsjail.cfg with the installed nsjail's
+// schema: for a caller that needs the jails' limits before it makes the Runner (Config.Definition).
+func ReadDefinition(cfg Config) (*jaildef.Definition, error) {
+	python := filepath.Join(cfg.RuntimeDir, "python")
+	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("%w: %v (run runtime/install.sh, or `make run`)", ErrSandbox, err)
+		}
+	}
+	def, err := jaildef.Read(cfg.Nsjail, cfg.JailConfig)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+	}
+	return def, nil
+}
+
 // New checks the sandbox's pieces, prepares what every execution shares, and starts the pools of warm jails (if
 // PoolSize > 0). ctx bounds the set-up: the fork servers' start and their proof with a real request. Whether a
 // cold jail can run a script is for the caller to check, with a real Run.
@@ -91,17 +107,11 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	if cfg.ForkServerForks <= 0 {
 		cfg.ForkServerForks = 1000
 	}
-	python := filepath.Join(cfg.RuntimeDir, "python")
-	for _, p := range []string{cfg.Nsjail, cfg.JailConfig, filepath.Join(python, "bin", "python3")} {
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("%w: %v (run runtime/install.sh, or `make run`)", ErrSandbox, err)
-		}
-	}
 	def := cfg.Definition
 	if def == nil {
 		var err error
-		if def, err = jaildef.Read(cfg.Nsjail, cfg.JailConfig); err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
+		if def, err = ReadDefinition(cfg); err != nil {
+			return nil, err
 		}
 	}
 	limits := def.Limits()
