@@ -6,7 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"image/png"
+	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"sync"
@@ -84,8 +87,33 @@ func TestMCPListTools(t *testing.T) {
 
 // The contract's examples, through the tool: the same result and stdout as /execute's; the fourth ({}) is a
 // malformed call, which the SDK refuses against the input schema, and nothing runs.
-func TestMCPContractExamples(t *testing.T) {
-	cs := mcpSession(t, srv.URL)
+// onBothMCPPaths runs fn against the shared service (its jails forked from fork servers) and against a service of
+// its own whose every jail is cold: a tool call takes the same path as /execute on either.
+func onBothMCPPaths(t *testing.T, fn func(t *testing.T, base string)) {
+	t.Run("forked", func(t *testing.T) { fn(t, srv.URL) })
+	t.Run("cold", func(t *testing.T) {
+		cfg, err := ConfigFromEnv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Sandbox.ForkServers = false
+		svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if path := svc.JailPath(); path != "cold" {
+			t.Fatalf("jails are %s", path)
+		}
+		ts := httptest.NewServer(svc)
+		t.Cleanup(func() { ts.Close(); svc.Close() })
+		fn(t, ts.URL)
+	})
+}
+
+func TestMCPContractExamples(t *testing.T) { onBothMCPPaths(t, mcpContractExamples) }
+
+func mcpContractExamples(t *testing.T, base string) {
+	cs := mcpSession(t, base)
 	for _, tt := range contractExamples {
 		t.Run(tt.name, func(t *testing.T) {
 			var args map[string]any
@@ -125,8 +153,10 @@ func TestMCPContractExamples(t *testing.T) {
 	}
 }
 
-func TestMCPCalls(t *testing.T) {
-	cs := mcpSession(t, srv.URL)
+func TestMCPCalls(t *testing.T) { onBothMCPPaths(t, mcpCalls) }
+
+func mcpCalls(t *testing.T, base string) {
+	cs := mcpSession(t, base)
 	plot := "def main():\n    import matplotlib\n    matplotlib.use('Agg')\n    import matplotlib.pyplot as plt\n" +
 		"    plt.plot([1, 2, 3], [1, 4, 9])\n    plt.savefig('plot.png')\n    open('notes.txt', 'w').write('hi')\n    return 'drawn'\n"
 	tests := []struct {
