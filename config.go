@@ -112,9 +112,9 @@ func ConfigFromEnv() (Config, error) {
 		QueueWait:      duration("SAFEPY_QUEUE_WAIT", 0),
 		ProjectID:      os.Getenv("GOOGLE_CLOUD_PROJECT"),
 		Sandbox: sandbox.Config{
-			RuntimeDir:      runtimeDir,
-			Nsjail:          str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),
-			JailConfig:      str("SAFEPY_NSJAIL_CONFIG", "nsjail.cfg"),
+			RuntimeDir: runtimeDir,
+			Nsjail:     str("SAFEPY_NSJAIL", filepath.Join(runtimeDir, "bin", "nsjail")),
+			JailConfig: str("SAFEPY_NSJAIL_CONFIG", "nsjail.cfg"),
 			// Unset, these are 0 (or ""): the sandbox's own defaults, which it owns (sandbox.Config).
 			Cgroup:          str("SAFEPY_CGROUP", ""),
 			MaxStdoutBytes:  num("SAFEPY_MAX_STDOUT_BYTES", 0),
