@@ -177,7 +177,7 @@ def main():
 // A script has the same memory whichever way its jail was made: cold or forked, warm (prefaulted, or bare) or made
 // on the spot. What a fork server preloaded is charged to the fork server, and its children's limit is that much
 // smaller; the copies a child makes of the fork server's pages, charged to the child on top, are made room for
-// (forkedMemoryLimit). Measured, not assumed: for a script of each preload set, how much of its own data it can
+// (forkedLimits). Measured, not assumed: for a script of each preload set, how much of its own data it can
 // fill before its jail is killed, on every way a jail is made, against a fresh cold jail's, within
 // fillTolerance. And, as before: a pandas script that fills 200 MiB succeeds and one that fills 240 MiB is
 // refused on every way.

@@ -64,17 +64,12 @@ type forkServer struct {
 	cg   cgroup.Cgroup
 	ctl  *net.UnixConn
 	logs *stream
-	base int64 // memory the fork server's cgroup holds once its modules are in, less the page cache (MemoryHeld)
-	// copies is what a typical script of the preload set copies of the fork server's pages by writing them, as
-	// measured on this fork server (forkserver.py's train): each copy is charged to the child while the original
-	// stays charged to the fork server, so every child's limit is that much larger (forkedMemoryLimit).
-	copies int64
-	// prefault is what a warm child populates ahead of time of the pages the typical script wrote, the copies
-	// among them: all of it is charged to the child, so a warm child's limit is that much larger instead.
-	prefault int64
-	born     time.Time
-	done     chan struct{} // closed when nsjail has exited
-	gone     chan struct{} // closed when all it held is released, after done
+	// share is what of the fork server a forked jail holds without holding it in its own cgroup, and what it
+	// copies of it (forkedLimits).
+	share forkShare
+	born  time.Time
+	done  chan struct{} // closed when nsjail has exited
+	gone  chan struct{} // closed when all it held is released, after done
 
 	mu       sync.Mutex
 	forks    int64
@@ -238,15 +233,15 @@ func (s *forkSlot) start() (*forkServer, error) {
 		return nil, fmt.Errorf("the fork server did not come up (%v): %s%s", err, firstLines(logs, 4), hint(logs))
 	}
 	fs.ctl.SetReadDeadline(time.Time{})
-	fs.base = cg.MemoryHeld()
+	fs.share.base = cg.MemoryHeld()
 	// The training child ran in this cgroup and has exited: what the cgroup held at its most beyond what it holds
 	// now is what the child was charged, everything included (its copies, its new pages, its copy of the page
 	// tables). The child's pagemap tells its copies on most kernels, and fewer on others (7.2 in the cgroup-v2
 	// guest: a plot's 10.8 MiB of 14.4); the charge, less the new pages, is the floor the kernel itself says.
 	charged := cg.MemoryPeak() - cg.MemoryUsage()
 	fresh := report.PrefaultBytes - report.CopiedBytes // written pages that were not the fork server's
-	fs.copies = max(report.CopiedBytes, charged-fresh)
-	fs.prefault = max(report.PrefaultBytes, charged)
+	fs.share.copies = max(report.CopiedBytes, charged-fresh)
+	fs.share.prefault = max(report.PrefaultBytes, charged)
 	fs.born = time.Now()
 	return fs, nil
 }

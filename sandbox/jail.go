@@ -50,8 +50,7 @@ func (r *parts) launchForked(fs *forkServer, preload []string, prefault bool) (*
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSandbox, err)
 	}
-	limits := r.limits
-	limits.MemoryBytes = r.forkedMemoryLimit(fs, prefault)
+	limits := forkedLimits(r.limits, fs.share, prefault)
 	cg, err := r.cgroups.Create(newID(), cgroupLimits(limits))
 	if err != nil {
 		r.uids.Give(uid)
@@ -101,26 +100,6 @@ func (r *parts) launchForked(fs *forkServer, preload []string, prefault bool) (*
 		close(j.done)
 	}()
 	return j, nil
-}
-
-// forkedMemoryLimit is the memory limit of a jail forked from fs: a script in it has what it would have in a cold
-// jail, which holds everything it uses in its own cgroup.
-//
-// The pages the fork server preloaded stay charged to the fork server's cgroup (no cgroup version moves charges),
-// and count as the jail's all the same: the jail's cgroup is that much smaller (fs.base). But a page of the fork
-// server's that the jail writes is copied, and the copy is charged to the jail while the original stays charged
-// to the fork server: counted twice, where a cold jail holds it once. So the limit is raised by what a typical
-// script of the preload set copies (fs.copies, measured by the fork server's training run); a prefaulted jail,
-// which copies that ahead of time and populates the pages around it too, is raised by all it populates
-// (fs.prefault) instead. A script that copies what the typical one does then has what it has cold; one that copies
-// less has up to that much more (the limit cannot know), one that copies more has less. Never above a cold
-// jail's limit: the memory the service sets aside per slot (MemoryPlan) holds one jail at its limit.
-func (r *parts) forkedMemoryLimit(fs *forkServer, prefault bool) int64 {
-	room := fs.copies
-	if prefault {
-		room = max(room, fs.prefault)
-	}
-	return min(r.limits.MemoryBytes-fs.base+room, r.limits.MemoryBytes)
 }
 
 // launchCold starts a jail with an nsjail process of its own.

@@ -30,9 +30,6 @@ import (
 //go:embed harness.py
 var harnessSource []byte
 
-// AddressSpaceAllowance is added to the memory limit for RLIMIT_AS where there are no cgroups (see New).
-const AddressSpaceAllowance = 192 << 20
-
 // formingWait bounds how long a request waits for a jail its pool is forking ahead (they take tens of
 // milliseconds) before it makes one of its own: only a jail that is stuck would take longer.
 const formingWait = time.Second
@@ -159,15 +156,9 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 		"--time_limit", strconv.Itoa(int((cfg.PoolMaxAge+limits.Wall+cfg.StartupTimeout)/time.Second)+1),
 		"--rlimit_cpu", strconv.FormatInt(limits.CPUSeconds+startupCPUSeconds, 10))
 	if cg.Mode() == CgroupNone {
-		// Without cgroups memory is bounded by address space, which counts what libraries reserve but never use:
-		// numpy and pandas reserve some 150 MiB. The allowance keeps a pandas script's 200 MiB possible.
-		// RLIMIT_NPROC counts the jail's user in its own user namespace: the harness's init and the script.
-		opts = append(opts, "--rlimit_as", strconv.FormatInt((limits.MemoryBytes+AddressSpaceAllowance)>>20, 10),
-			"--rlimit_nproc", strconv.FormatInt(limits.Processes+1, 10))
-		as := uint64(limits.MemoryBytes + AddressSpaceAllowance)
-		limits.Rlimits["RLIMIT_AS"] = Rlimit{Soft: as, Hard: as}
-		nproc := uint64(limits.Processes + 1)
-		limits.Rlimits["RLIMIT_NPROC"] = Rlimit{Soft: nproc, Hard: nproc}
+		var extra []string
+		limits, extra = withoutCgroups(limits)
+		opts = append(opts, extra...)
 	}
 	r.limits, r.opts = limits, opts
 	for _, m := range cfg.Preload {
