@@ -138,9 +138,12 @@ func (s *Service) run(ctx context.Context, req *executeRequest, held *budget.Hol
 	return execution{answer: a, entry: entry}
 }
 
+// retrySeconds is a Retry-After in whole seconds, rounded up: what /execute's header and the MCP tool's error say.
+func retrySeconds(d time.Duration) int { return int((d + time.Second - 1) / time.Second) }
+
 // overloaded answers 503 with a Retry-After in whole seconds, rounded up.
 func (s *Service) overloaded(w http.ResponseWriter, entry []slog.Attr, retryAfter time.Duration, message string) []slog.Attr {
-	w.Header().Set("Retry-After", strconv.Itoa(int((retryAfter+time.Second-1)/time.Second)))
+	w.Header().Set("Retry-After", strconv.Itoa(retrySeconds(retryAfter)))
 	writeError(w, http.StatusServiceUnavailable, apiError{Type: "Overloaded", Message: message}, nil)
 	return append(entry, slog.String("outcome", "Overloaded"))
 }

@@ -288,7 +288,7 @@ func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runP
 // refuse is the tool's 503: an error result that says when to retry.
 func (s *Service) refuse(ctx context.Context, begin time.Time, entry []slog.Attr, ref *refusal) (*mcp.CallToolResult, *runOutput, error) {
 	s.logCall(ctx, begin, append(entry, slog.String("outcome", "Overloaded")))
-	secs := int((ref.retryAfter + time.Second - 1) / time.Second)
+	secs := retrySeconds(ref.retryAfter)
 	return errorResult(&toolError{Type: "Overloaded", RetryAfterSeconds: secs,
 		Message: fmt.Sprintf("%s (retry after %d seconds)", ref.message, secs)}, nil)
 }

@@ -53,15 +53,7 @@ func setupV1(mounts []mount, own map[string]string) (*v1Manager, error) {
 
 func (m *v1Manager) Mode() Mode { return V1 }
 
-func (m *v1Manager) Dirs() []string {
-	var out []string
-	for _, ctrl := range v1Controllers {
-		if d := m.dirs[ctrl]; d != "" {
-			out = append(out, d)
-		}
-	}
-	return out
-}
+func (m *v1Manager) Dirs() []string { return inOrder(m.dirs) }
 
 func (m *v1Manager) Close() {
 	for _, d := range m.Dirs() {
@@ -109,10 +101,14 @@ type v1Cgroup struct {
 	home map[string]string // controller -> this process's own cgroup
 }
 
-func (c *v1Cgroup) Dirs() []string {
+func (c *v1Cgroup) Dirs() []string { return inOrder(c.dirs) }
+
+// inOrder lists the directories of a controller -> directory map in v1Controllers' order, so that processes are
+// listed and signalled in the same order every time.
+func inOrder(dirs map[string]string) []string {
 	var out []string
 	for _, ctrl := range v1Controllers {
-		if d := c.dirs[ctrl]; d != "" {
+		if d := dirs[ctrl]; d != "" {
 			out = append(out, d)
 		}
 	}
