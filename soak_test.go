@@ -1,15 +1,18 @@
 package safepy
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -76,13 +79,16 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Slots, cfg.QueueWait = 4, time.Minute // a wait long enough that nothing is refused
-	cfg.Sandbox.PoolSize = 4
+	// The slots the machine gets by default, one per CPU: more would share a CPU between jails, and a memory or
+	// fork bomb given a fraction of one can run out of wall time before it reaches its limit (the contract's "1 CPU").
+	// A wait long enough that nothing is refused.
+	cfg.QueueWait = time.Minute
 	if shared, _ := Prepare(); shared != nil { // the package's shared service: its pool counts in the baseline
 		waitFor(t, "the shared service's pool to fill", func() bool { ready, size := shared.WarmJails(); return ready == size })
 	}
 	beforeService := settle(countResources())
-	svc, err := NewService(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	slowest := &slowestRuns{ms: map[string]float64{}}
+	svc, err := NewService(cfg, slog.New(slowest))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,6 +149,8 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	// How close the limits' answers came to the wall time: the margin a slower machine eats into.
+	t.Logf("slots %d; slowest jail run by outcome: %s", svc.Slots(), slowest)
 	if failures > 0 {
 		t.Fatalf("%d of %d requests got a wrong answer", failures, requests)
 	}
@@ -172,6 +180,51 @@ func TestNoLeaksAfterManyRequests(t *testing.T) {
 			after.tempDirs <= beforeService.tempDirs && after.cgroups <= beforeService.cgroups
 	})
 	t.Logf("before the service %+v; after closing it %+v", beforeService, after)
+}
+
+// slowestRuns is a log handler that keeps the longest run_ms of the service's request entries, by outcome and
+// limit.
+type slowestRuns struct {
+	mu sync.Mutex
+	ms map[string]float64
+}
+
+func (h *slowestRuns) Enabled(context.Context, slog.Level) bool { return true }
+func (h *slowestRuns) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *slowestRuns) WithGroup(string) slog.Handler            { return h }
+func (h *slowestRuns) Handle(_ context.Context, r slog.Record) error {
+	var outcome, limit string
+	run := -1.0
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "outcome":
+			outcome = a.Value.String()
+		case "limit":
+			limit = a.Value.String()
+		case "run_ms":
+			run = a.Value.Float64()
+		}
+		return true
+	})
+	if outcome == "" || run < 0 {
+		return nil
+	}
+	key := strings.TrimSuffix(outcome+" "+limit, " ")
+	h.mu.Lock()
+	h.ms[key] = max(h.ms[key], run)
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *slowestRuns) String() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	keys := slices.Sorted(maps.Keys(h.ms))
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s %.0f ms", k, h.ms[k])
+	}
+	return strings.Join(parts, ", ")
 }
 
 // settle waits briefly for goroutines of finished connections to end, so the baseline is not inflated.

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"time"
 
@@ -153,6 +154,12 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	}
 	log.Info("sandbox ready", append(attrs, "self_check_startup", out.Timing.Startup.String(),
 		"self_check_run", out.Timing.Run.String())...)
+	if cpus := runtime.NumCPU(); cfg.Slots > cpus {
+		// Jails then share CPUs: a script gets less than a CPU's worth of its wall time, and one on its way to the
+		// memory or process limit can run out of time first on a busy machine (the contract promises 1 CPU).
+		log.Warn("more slots than CPUs: a limit's answer can depend on load",
+			"slots", cfg.Slots, "cpus", cpus)
+	}
 	// The largest a request can hold: its body while it is decoded, or its answer (a compacted copy of its result
 	// too) at the caps.
 	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(runner.Config().MaxResultBytes))

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -121,6 +122,9 @@ func TestLogs(t *testing.T) {
 	if want := os.Getenv("SAFEPY_TEST_CGROUP_MODE"); want != "" && (len(ready) != 1 || ready[0]["cgroup_mode"] != want || ready[0]["jails"] != "forked") {
 		t.Errorf("SAFEPY_TEST_CGROUP_MODE wants %s with forked jails: %v", want, ready)
 	}
+	if w := s.Entries(slotsWarning); len(w) != 0 {
+		t.Errorf("the default slots (one per CPU) warned: %v", w)
+	}
 	execs := s.Entries("execution")
 	if len(execs) != 2 {
 		t.Fatalf("%d execution entries, want one per execution: %v", len(execs), execs)
@@ -202,6 +206,25 @@ func TestProjectForTraceNames(t *testing.T) {
 				t.Fatalf("execution entries %v, want trace %v", execs, want)
 			}
 		})
+	}
+}
+
+const slotsWarning = "more slots than CPUs: a limit's answer can depend on load"
+
+// An operator who asks for more slots than CPUs is told at start-up what it costs: the contract's "1 CPU" per
+// jail no longer holds under load. The server still serves.
+func TestWarnsOfMoreSlotsThanCPUs(t *testing.T) {
+	slots := runtime.NumCPU() + 1
+	s := start(t, nil, fmt.Sprintf("SAFEPY_SLOTS=%d", slots), "SAFEPY_POOL_SIZE=1")
+	s.WaitHealthy(t)
+	if status, body, err := post(s.URL, "def main():\n    return 1\n", nil); err != nil || status != 200 {
+		t.Fatalf("%d %s %v", status, body, err)
+	}
+	s.Cmd.Process.Signal(syscall.SIGTERM)
+	s.Exit(t)
+	w := s.Entries(slotsWarning)
+	if len(w) != 1 || w[0]["severity"] != "WARNING" || w[0]["slots"] != float64(slots) || w[0]["cpus"] != float64(runtime.NumCPU()) {
+		t.Fatalf("want one warning naming %d slots and %d CPUs: %v", slots, runtime.NumCPU(), w)
 	}
 }
 
