@@ -293,6 +293,9 @@ func TestSIGTERMDrainsInFlightRequests(t *testing.T) {
 	if left := cgroupsOf(s.Cmd.Process.Pid); len(left) > 0 {
 		t.Fatalf("the stopped server left its cgroups: %v", left)
 	}
+	if nested := nestedServerLeaves(); len(nested) > 0 {
+		t.Fatalf("a server started from an earlier server's leaf made another leaf inside it: %v", nested)
+	}
 }
 
 // An execution that outlives the grace period is killed, and the server still exits 0 with nothing left behind.
@@ -316,6 +319,9 @@ func TestSIGTERMKillsWhatOutlivesTheGrace(t *testing.T) {
 	if left := cgroupsOf(s.Cmd.Process.Pid); len(left) > 0 {
 		t.Fatalf("the stopped server left its cgroups: %v", left)
 	}
+	if nested := nestedServerLeaves(); len(nested) > 0 {
+		t.Fatalf("a server started from an earlier server's leaf made another leaf inside it: %v", nested)
+	}
 	if len(s.Entries("grace period over: killing the jails still running")) != 1 {
 		t.Fatalf("logs:\n%s", strings.Join(s.Lines(), "\n"))
 	}
@@ -333,6 +339,20 @@ func cgroupsOf(pid int) []string {
 		if strings.HasPrefix(d.Name(), prefix) {
 			found = append(found, path)
 			return filepath.SkipDir
+		}
+		return nil
+	})
+	return found
+}
+
+// nestedServerLeaves lists the cgroups named like the leaf a v2 server moves its cgroup's processes into, inside
+// another such leaf. This test's servers all start from this process, which the first server in a container's or
+// a service's cgroup moves into that leaf; the next must use the cgroup above it again.
+func nestedServerLeaves() []string {
+	var found []string
+	filepath.WalkDir("/sys/fs/cgroup", func(path string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() && d.Name() == "safepy-server" && filepath.Base(filepath.Dir(path)) == "safepy-server" {
+			found = append(found, path)
 		}
 		return nil
 	})

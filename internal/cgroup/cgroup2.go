@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // v2Manager is a runner's cgroup on v2: one directory, under which each jail gets a child.
@@ -33,6 +34,16 @@ func setupV2(mounts []mount, own map[string]string) (*v2Manager, error) {
 	if _, err := os.Stat(filepath.Join(home, "cgroup.controllers")); err != nil {
 		home = root // inside a cgroup namespace the path may be relative to the mount already
 	}
+	// Touch nothing in a cgroup this process is not in: a path that resolved elsewhere (the mount's root where
+	// the namespace's is not, or "/.." outside it) would have this server move another's processes.
+	if !slices.Contains(procsIn(home), strconv.Itoa(os.Getpid())) {
+		return nil, fmt.Errorf("this process is not in %s, the cgroup /proc/self/cgroup names", home)
+	}
+	if filepath.Base(home) == serverLeaf && isDir(filepath.Join(filepath.Dir(home), "safepy")) {
+		// A server before this one moved the processes of its cgroup here (the shell that runs `make run` again,
+		// a supervisor that restarts it): that cgroup is the home, as it was then, rather than one more level.
+		home = filepath.Dir(home)
+	}
 	// Touch nothing unless the controllers the jail needs are delegated to this cgroup. (On a hybrid host the
 	// cgroup2 mount holds no controllers at all; v1 is the hierarchy to use there.)
 	have, err := os.ReadFile(filepath.Join(home, "cgroup.controllers"))
@@ -52,7 +63,7 @@ func setupV2(mounts []mount, own map[string]string) (*v2Manager, error) {
 		if !errors.Is(err, syscall.EBUSY) {
 			return nil, fmt.Errorf("enabling controllers in %s: %w", home, err)
 		}
-		leaf := filepath.Join(home, "safepy-server")
+		leaf := filepath.Join(home, serverLeaf)
 		created := os.Mkdir(leaf, 0o755) == nil
 		moved, err := moveProcesses(home, leaf)
 		if err == nil {
@@ -87,32 +98,58 @@ func setupV2(mounts []mount, own map[string]string) (*v2Manager, error) {
 	return &v2Manager{dir: base}, nil
 }
 
+// serverLeaf is the cgroup the processes of the server's own move to, when that cgroup must hand its controllers
+// on.
+const serverLeaf = "safepy-server"
+
 // moveProcesses moves every process of the cgroup from into the cgroup to, this one first, until from holds none
-// (a process may fork meanwhile). Processes that exit meanwhile are skipped.
+// (a process may fork meanwhile). Processes that exit meanwhile are skipped; one that is exiting may be listed for
+// a while after its move was accepted (the kernel leaves an exiting task where it is), so passes go on for up to
+// moveFor.
 func moveProcesses(from, to string) (moved []string, err error) {
 	self := strconv.Itoa(os.Getpid())
 	if err := writeFile(filepath.Join(to, "cgroup.procs"), self); err != nil {
 		return nil, err
 	}
 	moved = append(moved, self)
-	for range 100 {
-		data, err := os.ReadFile(filepath.Join(from, "cgroup.procs"))
-		if err != nil {
-			return moved, err
-		}
-		pids := strings.Fields(string(data))
+	for deadline, pass := time.Now().Add(moveFor), 0; ; pass++ {
+		pids := procsIn(from)
 		if len(pids) == 0 {
 			return moved, nil
 		}
+		if time.Now().After(deadline) {
+			return moved, fmt.Errorf("%s still holds processes %v after %s", from, pids[:min(len(pids), 8)], moveFor)
+		}
 		for _, pid := range pids {
+			if pid == "0" {
+				// A process of another PID namespace shares the cgroup: writing "0" would move this one again,
+				// and the cgroup is not this server's to rearrange.
+				return moved, fmt.Errorf("%s holds processes of another PID namespace", from)
+			}
 			if err := writeFile(filepath.Join(to, "cgroup.procs"), pid); err == nil {
 				moved = append(moved, pid)
 			} else if !errors.Is(err, syscall.ESRCH) {
 				return moved, err
 			}
 		}
+		if pass >= 10 {
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
-	return moved, fmt.Errorf("%s keeps gaining processes", from)
+}
+
+// moveFor bounds moveProcesses.
+const moveFor = 2 * time.Second
+
+// procsIn lists the processes of a v2 cgroup (none if it cannot be read).
+func procsIn(dir string) []string {
+	data, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	return strings.Fields(string(data))
+}
+
+func isDir(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.IsDir()
 }
 
 func (m *v2Manager) Mode() Mode     { return V2 }

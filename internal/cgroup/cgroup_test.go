@@ -1,6 +1,7 @@
 package cgroup
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -141,11 +142,17 @@ func TestSetup(t *testing.T) {
 	root := t.TempDir()
 	v2 := filepath.Join(root, "unified")
 	v1 := func(c string) string { return filepath.Join(root, c) }
-	touch(t, filepath.Join(v2, "svc"), map[string]string{"cgroup.controllers": "cpuset cpu io memory pids\n", "cgroup.subtree_control": ""})
-	touch(t, v2, map[string]string{"cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": ""})
+	self := fmt.Sprintf("1\n%d\n", os.Getpid())
+	touch(t, filepath.Join(v2, "svc"), map[string]string{"cgroup.controllers": "cpuset cpu io memory pids\n", "cgroup.subtree_control": "", "cgroup.procs": self})
+	touch(t, v2, map[string]string{"cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": "", "cgroup.procs": self})
 	touch(t, filepath.Join(v2, "safepy"), map[string]string{"cgroup.subtree_control": ""})
 	touch(t, filepath.Join(v2, "svc/safepy"), map[string]string{"cgroup.subtree_control": ""})
-	touch(t, filepath.Join(v2, "bare"), map[string]string{"cgroup.controllers": "", "cgroup.subtree_control": ""})
+	touch(t, filepath.Join(v2, "bare"), map[string]string{"cgroup.controllers": "", "cgroup.subtree_control": "", "cgroup.procs": self})
+	touch(t, filepath.Join(v2, "other"), map[string]string{"cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": "", "cgroup.procs": "1\n"})
+	// Where an earlier server moved its cgroup's processes (this one's shell, say) into a leaf.
+	touch(t, filepath.Join(v2, "run"), map[string]string{"cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": v2Controllers})
+	touch(t, filepath.Join(v2, "run/safepy"), map[string]string{"cgroup.subtree_control": ""})
+	touch(t, filepath.Join(v2, "run/safepy-server"), map[string]string{"cgroup.controllers": "memory pids cpu\n", "cgroup.subtree_control": "", "cgroup.procs": self})
 	for _, c := range []string{"memory", "pids", "cpu"} {
 		touch(t, filepath.Join(v1(c), "docker"), nil)
 	}
@@ -163,6 +170,8 @@ func TestSetup(t *testing.T) {
 		{"v2 with its controllers", v2Mount, "0::/svc\n", V2, nil, "enabling controllers in " + filepath.Join(v2, "svc/safepy") + "/"},
 		{"v2 in a cgroup namespace", v2Mount, "0::/gone\n", V2, nil, "enabling controllers in " + filepath.Join(v2, "safepy") + "/"},
 		{"v2 without controllers", v2Mount, "0::/bare\n", V2, nil, "the memory controller is not available"},
+		{"v2 in a cgroup this process is not in", v2Mount, "0::/other\n", V2, nil, "this process is not in " + filepath.Join(v2, "other")},
+		{"v2 started again in its leaf", v2Mount, "0::/run/safepy-server\n", V2, nil, "enabling controllers in " + filepath.Join(v2, "run/safepy") + "/"},
 		{"no cgroup2", v1Mounts, "0::/svc\n", V2, nil, "no cgroup2 file system is mounted"},
 		{"v1", v1Mounts + v2Mount, "3:memory:/docker\n4:cpu,cpuacct:/docker\n12:pids:/docker\n0::/bare\n", V1,
 			[]string{v1("memory/docker/safepy"), v1("pids/docker/safepy"), v1("cpu/docker/safepy")}, ""},
@@ -198,6 +207,18 @@ func TestSetup(t *testing.T) {
 	}
 	if data, _ := os.ReadFile(filepath.Join(v2, "svc/cgroup.subtree_control")); string(data) != v2Controllers {
 		t.Errorf("the service's cgroup hands on %q", data)
+	}
+}
+
+// A cgroup that holds a process of another PID namespace (listed as 0) is not this server's to rearrange: moving
+// "0" would move the server itself again, for ever.
+func TestMoveProcessesRefusesOtherNamespaces(t *testing.T) {
+	from, to := filepath.Join(t.TempDir(), "home"), filepath.Join(t.TempDir(), "leaf")
+	touch(t, from, map[string]string{"cgroup.procs": "0\n"})
+	touch(t, to, map[string]string{"cgroup.procs": ""})
+	moved, err := moveProcesses(from, to)
+	if err == nil || !strings.Contains(err.Error(), "another PID namespace") || len(moved) != 1 {
+		t.Fatalf("moved %v, %v; want only this process moved (to be put back) and a refusal", moved, err)
 	}
 }
 
