@@ -5,6 +5,8 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+
+	"github.com/safe-py/safepy/internal/cgroup"
 )
 
 // Capacity: how many jails a machine runs at once, from what a jail is allowed and what it was measured to hold.
@@ -47,16 +49,10 @@ func Slots(jailMemory, mem int64, forked bool) int {
 	return max(slots, 1)
 }
 
-// AvailableMemory is the container's memory limit if it has one (Cloud Run sets one), else the machine's memory.
+// AvailableMemory is the lowest memory limit of this process's cgroups if there is one (Cloud Run's container
+// has one; so may a systemd unit or a slice above it), else the machine's memory.
 func AvailableMemory() int64 {
-	best := int64(0)
-	for _, path := range []string{"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"} {
-		if data, err := os.ReadFile(path); err == nil {
-			if n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64); err == nil && n > 0 && n < 1<<50 {
-				best = n
-			}
-		}
-	}
+	best := cgroup.MemoryLimit()
 	if data, err := os.ReadFile("/proc/meminfo"); err == nil {
 		for _, line := range strings.Split(string(data), "\n") {
 			if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {

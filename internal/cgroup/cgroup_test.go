@@ -304,3 +304,38 @@ func TestStartSetup(t *testing.T) {
 		t.Fatalf("%v %v", err, cmd.Process)
 	}
 }
+
+// The memory a server may use is bounded by every cgroup above its own, not by the mount's top: a systemd unit's
+// MemoryMax= on a large host, a slice's limit, a container's.
+func TestMemoryLimit(t *testing.T) {
+	root := t.TempDir()
+	v2, mem := filepath.Join(root, "unified"), filepath.Join(root, "memory")
+	touch(t, v2, map[string]string{"cgroup.controllers": "memory pids cpu\n"}) // the host's top has no memory.max
+	touch(t, filepath.Join(v2, "system.slice"), map[string]string{"memory.max": "3221225472\n"})
+	touch(t, filepath.Join(v2, "system.slice/safepy.service"), map[string]string{"memory.max": "2147483648\n"})
+	touch(t, filepath.Join(v2, "system.slice/safepy.service/safepy-server"), map[string]string{"memory.max": "max\n"})
+	touch(t, filepath.Join(v2, "user.slice"), map[string]string{"memory.max": "max\n"})
+	touch(t, mem, map[string]string{"memory.limit_in_bytes": "9223372036854771712\n"})
+	touch(t, filepath.Join(mem, "docker"), map[string]string{"memory.limit_in_bytes": "1073741824\n"})
+	touch(t, filepath.Join(mem, "docker/app"), map[string]string{"memory.limit_in_bytes": "9223372036854771712\n"})
+	v2Mount := "26 25 0:23 / " + v2 + " rw - cgroup2 cgroup2 rw\n"
+	v1Mount := "30 25 0:27 / " + mem + " rw - cgroup cgroup rw,memory\n"
+	for _, tt := range []struct {
+		name, mountinfo, own string
+		want                 int64
+	}{
+		{"v2: the unit's, below its slice's", v2Mount, "0::/system.slice/safepy.service/safepy-server\n", 2 << 30},
+		{"v2: none set anywhere", v2Mount, "0::/user.slice\n", 0},
+		{"v2: behind a cgroup namespace, the namespace's top", v2Mount, "0::/\n", 0},
+		{"v2: a path outside the mount is not followed", v2Mount, "0::/../../x\n", 0},
+		{"v1: the container's, above its own", v1Mount, "4:memory:/docker/app\n", 1 << 30},
+		{"v1 and v2 both mounted: the lowest", v1Mount + v2Mount, "4:memory:/docker/app\n0::/system.slice/safepy.service\n", 1 << 30},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			mountPath, ownPath := fakeHost(t, tt.mountinfo, tt.own)
+			if got := memoryLimit(mountPath, ownPath); got != tt.want {
+				t.Fatalf("got %d, want %d", got, tt.want)
+			}
+		})
+	}
+}

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 )
 
 // Detect finds a cgroup hierarchy this process may use and prepares a "safepy" parent in it, its runner's
@@ -102,4 +104,60 @@ func prove(m Manager, l Limits, probe string) error {
 		err = rerr
 	}
 	return err
+}
+
+// MemoryLimit is the lowest memory limit over this process's cgroup and the cgroups above it (a container's, a
+// systemd unit's MemoryMax=), on whichever hierarchy has the memory controller; 0 if none is set. A cgroup limits
+// its descendants, so the mount's top alone can be far above what this process may use.
+func MemoryLimit() int64 { return memoryLimit("/proc/self/mountinfo", "/proc/self/cgroup") }
+
+func memoryLimit(mountinfo, ownFile string) int64 {
+	mounts, err := readMounts(mountinfo)
+	if err != nil {
+		return 0
+	}
+	data, err := os.ReadFile(ownFile)
+	if err != nil {
+		return 0
+	}
+	own := parseOwn(data)
+	lowest := int64(0)
+	consider := func(n int64) {
+		if n > 0 && n < 1<<50 && (lowest == 0 || n < lowest) { // v1 writes "no limit" as a number near 2^63
+			lowest = n
+		}
+	}
+	for _, m := range mounts {
+		var file, dir string
+		switch {
+		case m.fstype == "cgroup2":
+			file = "memory.max" // "max" reads as 0: no limit
+			dir = ownDir(m.dir, own[""])
+		case m.opts["memory"]:
+			file = "memory.limit_in_bytes"
+			dir = ownDir(m.dir, own["memory"])
+		default:
+			continue
+		}
+		for d := dir; ; d = filepath.Dir(d) {
+			consider(number(filepath.Join(d, file)))
+			if d == m.dir || !strings.HasPrefix(d, m.dir) {
+				break
+			}
+		}
+	}
+	return lowest
+}
+
+// ownDir is this process's cgroup on a hierarchy mounted at root; the mount's top where the path is not in it
+// (inside a cgroup namespace, the path may be relative to the mount already).
+func ownDir(root, path string) string {
+	dir := filepath.Join(root, path)
+	if rel, err := filepath.Rel(root, dir); err != nil || strings.HasPrefix(rel, "..") {
+		return root
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return root
+	}
+	return dir
 }
