@@ -196,19 +196,37 @@ func removeDirs(dirs []string) error {
 }
 
 // applySettings writes a new cgroup's limits: each a file and its value. Those of swap are skipped where the
-// kernel has no swap accounting: there is no swap to limit.
+// kernel has no swap accounting and no swap is on: there is no swap to limit. With swap on and no accounting, a
+// jail could swap past its memory limit: that is an error.
 func applySettings(settings [][2]string) error {
 	for _, s := range settings {
 		if err := writeFile(s[0], s[1]); err != nil {
 			optional := strings.HasSuffix(s[0], "swap.max") || strings.HasSuffix(s[0], "swappiness") ||
 				strings.HasSuffix(s[0], "memsw.limit_in_bytes")
-			if optional && (errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrInvalid)) {
-				continue // no swap accounting on this kernel: there is no swap to limit
+			if optional && errors.Is(err, os.ErrNotExist) {
+				if !swapOn() {
+					continue
+				}
+				return fmt.Errorf("setting %s: swap is on, and the kernel does not account it per cgroup "+
+					"(swapaccount=0?): a jail could swap past its memory limit", s[0])
 			}
 			return fmt.Errorf("setting %s: %w", s[0], err)
 		}
 	}
 	return nil
+}
+
+// swapsFile lists the swap areas in use (a variable for tests).
+var swapsFile = "/proc/swaps"
+
+// swapOn says whether any swap area is in use; unreadable counts as in use.
+func swapOn() bool {
+	data, err := os.ReadFile(swapsFile)
+	if err != nil {
+		return true
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	return len(lines) > 1 // a header line, then one per area
 }
 
 // held is usage less what a memory.stat's text says the kernel would reclaim; fileKey names its page cache.

@@ -234,6 +234,7 @@ func TestV2Cgroup(t *testing.T) {
 	touch(t, dir, map[string]string{"memory.max": "", "pids.max": "", "cpu.max": "", "memory.current": "1000\n",
 		"memory.peak": "5000\n", "memory.stat": "file 300\nshmem 100\nslab_reclaimable 50\n",
 		"memory.events": "oom 1\noom_kill 1\n", "pids.events": "max 0\n", "cgroup.procs": "12\n34\nx\n"})
+	noSwap(t)
 	err := applySettings([][2]string{{dir + "/memory.max", "200"}, {dir + "/memory.swap.max", "0"}, {dir + "/pids.max", "66"}})
 	if err != nil {
 		t.Fatal(err)
@@ -335,6 +336,45 @@ func TestMemoryLimit(t *testing.T) {
 			mountPath, ownPath := fakeHost(t, tt.mountinfo, tt.own)
 			if got := memoryLimit(mountPath, ownPath); got != tt.want {
 				t.Fatalf("got %d, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+// noSwap has the package see a machine with no swap on, for tests of a kernel without swap accounting.
+func noSwap(t *testing.T) {
+	fake := filepath.Join(t.TempDir(), "swaps")
+	os.WriteFile(fake, []byte("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"), 0o644)
+	old := swapsFile
+	swapsFile = fake
+	t.Cleanup(func() { swapsFile = old })
+}
+
+// Swap that the kernel does not account per cgroup is a way past a jail's memory limit: a jail's cgroup is not
+// made where swap is on and its limit cannot be set. With no swap on, there is nothing to limit.
+func TestSwapWithoutAccounting(t *testing.T) {
+	const header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+	for _, tt := range []struct {
+		name, swaps string // "" : no such file
+		ok          bool
+	}{
+		{"no swap on", header, true},
+		{"a swap file on", header + "/swapfile                               file\t\t4194300\t\t0\t\t-2\n", false},
+		{"cannot tell", "", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			swapsFile = filepath.Join(dir, "swaps")
+			t.Cleanup(func() { swapsFile = "/proc/swaps" })
+			if tt.swaps != "" {
+				os.WriteFile(swapsFile, []byte(tt.swaps), 0o644)
+			}
+			touch(t, filepath.Join(dir, "jail"), map[string]string{"memory.max": ""}) // no memory.swap.max
+			for _, missing := range []string{"memory.swap.max", "memory.memsw.limit_in_bytes", "memory.swappiness"} {
+				err := applySettings([][2]string{{dir + "/jail/memory.max", "200"}, {dir + "/jail/" + missing, "0"}})
+				if (err == nil) != tt.ok {
+					t.Errorf("%s missing: %v, want ok=%v", missing, err, tt.ok)
+				}
 			}
 		})
 	}
