@@ -36,7 +36,7 @@ test: runtime vet
 # again in the two other places a server finds itself: alone in a container's cgroup, behind a cgroup namespace
 # (Docker, Cloud Run), and in a systemd service's delegated subtree (a developer's `make run`).
 V2_PACKAGES ?= . ./sandbox ./cmd/server
-V2_SHAPE_TESTS ?= TestScriptErrors|TestSameMemoryOnEveryPath|TestCloseLeavesNothing|TestADeadForkServerIsReleasedAtOnce|TestForkBombDoesNotReachOtherJails|TestLimitsDoNotDependOnLoad|TestNothingSurvivesIntoTheNextRequest|TestEachJailIsAUserOfItsOwn|TestLogs|TestSIGTERM
+V2_SHAPE_TESTS ?= TestScriptErrors|TestAllJailsTogetherAreCapped|TestSameMemoryOnEveryPath|TestCloseLeavesNothing|TestADeadForkServerIsReleasedAtOnce|TestForkBombDoesNotReachOtherJails|TestLimitsDoNotDependOnLoad|TestNothingSurvivesIntoTheNextRequest|TestEachJailIsAUserOfItsOwn|TestLogs|TestSIGTERM
 # The log keeps each package's counts, its TestMain's lines (the detected cgroup mode, whether jails forked, the
 # jails' time factor) and every failure in full (.ci/uml/summarize).
 V2_TEST = set -o pipefail; SAFEPY_TEST_CGROUP_MODE=cgroup-v2 $(GO) test -v -count=1 -exec "$(CURDIR)/.ci/uml/exec"

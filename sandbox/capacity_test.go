@@ -1,7 +1,14 @@
 package sandbox
 
 import (
+	"cmp"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -31,4 +38,76 @@ func TestSlots(t *testing.T) {
 			}
 		})
 	}
+}
+
+// All jails together, running and warm, and the fork servers they come from are capped (AllJailsMemory), so that a
+// full house of scripts at their limits cannot push the machine into the OOM killer: past the cap, the kernel
+// kills within the jails. Shown with a cap 150 MiB above what a runner holds at rest: one script's 200 MiB, within
+// its own 256 MiB, is refused.
+func TestAllJailsTogetherAreCapped(t *testing.T) {
+	const fill = "def main():\n    b = bytearray(200 << 20)\n    for i in range(0, len(b), 4096):\n        b[i] = 1\n    return len(b) >> 20\n"
+	for _, forked := range []bool{true, false} {
+		t.Run(map[bool]string{true: "forked", false: "cold"}[forked], func(t *testing.T) {
+			start := func(cap int64) *Runner {
+				cfg := testConfig()
+				cfg.ForkServers, cfg.PoolSize, cfg.AllJailsMemory = forked, 0, cap
+				if forked {
+					cfg.PoolSize = 1 // fork servers run only with pools; newForked-like: the pools are closed below
+				}
+				r, err := New(context.Background(), cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { r.Close() })
+				if forked && r.Info().Path != "forked" {
+					t.Fatalf("no fork servers: %s", r.Info().PathNote)
+				}
+				for _, p := range r.pools {
+					p.Close()
+				}
+				return r
+			}
+			// Uncapped, the script gets its 200 MiB, and shows what the runner holds at rest.
+			free := start(0)
+			if out, err := runWith(t, free, fill); err != nil || string(out.Result) != "200" {
+				t.Fatalf("uncapped: %s %v", out.Result, err)
+			}
+			rest := runnerMemory(free)
+			free.Close()
+
+			capped := start(rest + 150<<20)
+			_, err := runWith(t, capped, fill)
+			var se *ScriptError
+			if !errors.As(err, &se) || se.Limit != LimitMemory {
+				t.Fatalf("capped at %d MiB (the runner held %d MiB at rest): %v, want the memory limit's error", (rest+150<<20)>>20, rest>>20, err)
+			}
+			// And the runner still serves within the cap.
+			if out, err := runWith(t, capped, "def main():\n    return 1\n"); err != nil || string(out.Result) != "1" {
+				t.Fatalf("after: %s %v", out.Result, err)
+			}
+		})
+	}
+}
+
+// runnerMemory is what a runner's cgroup holds, its fork servers' and jails' together, less the page cache the
+// kernel would reclaim under the cap.
+func runnerMemory(r *Runner) int64 {
+	dir := r.cgroups.Dirs()[0]
+	read := func(file, key string) int64 {
+		data, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			return -1
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			if k, v, ok := strings.Cut(line, " "); key == "" || ok && k == key {
+				n, _ := strconv.ParseInt(strings.TrimSpace(cmp.Or(v, k)), 10, 64)
+				return n
+			}
+		}
+		return 0
+	}
+	if usage := read("memory.current", ""); usage >= 0 {
+		return usage - read("memory.stat", "file")
+	}
+	return read("memory.usage_in_bytes", "") - read("memory.stat", "total_cache")
 }
