@@ -87,6 +87,12 @@ func TestOverloaded(t *testing.T) {
 	if retry, err := strconv.Atoi(header.Get("Retry-After")); status != 503 || e.Error.Type != "Overloaded" || err != nil || retry < 1 {
 		t.Fatalf("got %d Retry-After=%q %s", status, header.Get("Retry-After"), body)
 	}
+	// A tool call over /mcp is refused the same way: an error result that says when to retry.
+	res, out := callRunPython(t, mcpSession(t, ts.URL), map[string]any{"script": "def main():\n    return 1\n"})
+	if !res.IsError || out.Error == nil || out.Error.Type != "Overloaded" || out.Error.RetryAfterSeconds < 1 ||
+		!strings.Contains(textOf(res), "retry after") {
+		t.Fatalf("MCP call while overloaded: isError=%v %+v %q", res.IsError, out.Error, textOf(res))
+	}
 	if status := <-busy; status != 422 {
 		t.Fatalf("the running script ended with %d, want 422 (timeout)", status)
 	}
