@@ -16,10 +16,12 @@ import (
 	"net/url"
 	"path"
 	"reflect"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/jsonschema-go/jsonschema"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -33,13 +35,6 @@ import (
 // the result, stdout and stderr twice (text and structured content), the files decoded, then the whole response
 // encoded by the SDK before it is written.
 const mcpAnswerCost = 4
-
-// runPythonArgs are the tool's arguments: the contract's request. files stays raw so that decodeFiles, the very
-// checks /execute makes, decides about it.
-type runPythonArgs struct {
-	Script string          `json:"script"`
-	Files  json.RawMessage `json:"files,omitempty"`
-}
 
 // runOutput is the tool's structured content: the contract's answer less the files' contents (which come as image
 // and resource content), with error set when the script failed or the call was refused.
@@ -115,7 +110,12 @@ func (s *Service) newMCPHandler() (http.Handler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("the tool's output schema: %w", err)
 	}
-	mcp.AddTool(server, &mcp.Tool{
+	// The tool's handler is the SDK's plain one: the arguments come as the client sent them, for decodeBody, the
+	// very decoder /execute's body goes through (the typed one would decode them first, loosely: the last of
+	// duplicate keys, invalid UTF-8 replaced, no bound on what an array costs); and the structured content goes
+	// out as encoded (the typed one validates it through float64s: 2**53+1 came back as 2**53, 10**400 failed the
+	// call after the script ran). runOutput is this package's type, so it always has the schema's shape.
+	server.AddTool(&mcp.Tool{
 		Name:         "run_python",
 		Title:        "Run Python",
 		Description:  s.toolDescription(),
@@ -177,12 +177,18 @@ func (s *Service) serveMCP(w http.ResponseWriter, r *http.Request) {
 		}{io.TeeReader(r.Body, head), r.Body}
 		body, status, aerr := readBody(w, r, held, s.cfg.MaxBodyBytes)
 		if aerr != nil {
-			rpcError(w, status, requestID(head.b), aerr.Message)
+			rpcError(w, status, requestID(head.b), aerr.Message, rpcInvalidRequest)
 			return
 		}
 		// The SDK reads the body whole and parses it: a few times its size for a moment, as for /execute.
 		if !held.TryGrow(decodeCost * int64(len(body))) {
-			rpcError(w, http.StatusServiceUnavailable, requestID(body), errBodyBudget.Error())
+			rpcError(w, http.StatusServiceUnavailable, requestID(body), errBodyBudget.Error(), rpcInvalidRequest)
+			return
+		}
+		if code, why := checkMCPMessage(body); why != "" {
+			s.log.LogAttrs(call.ctx, slog.LevelWarn, "mcp request refused", slog.String("reason", why),
+				slog.Int("body_bytes", len(body)))
+			rpcError(w, http.StatusBadRequest, requestID(body), why, code)
 			return
 		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
@@ -192,17 +198,66 @@ func (s *Service) serveMCP(w http.ResponseWriter, r *http.Request) {
 
 // rpcError refuses a request the SDK never saw with the HTTP status /execute would give it, and a JSON-RPC error
 // as the body: a client reads that as this one request's failure and keeps its session (a bare status ends it).
-func rpcError(w http.ResponseWriter, status int, id any, message string) {
+func rpcError(w http.ResponseWriter, status int, id any, message string, code int) {
 	if status == http.StatusServiceUnavailable {
 		w.Header().Set("Retry-After", "1")
 	}
 	b, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": id,
-		"error": map[string]any{"code": -32600, "message": message}})
+		"error": map[string]any{"code": code, "message": message}})
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
 	_, _ = w.Write(b)
 }
+
+// JSON-RPC's error codes for a message refused before the SDK sees it.
+const (
+	rpcParseError     = -32700
+	rpcInvalidRequest = -32600
+	rpcNoSuchMethod   = -32601
+)
+
+// mcpMethods are the requests /mcp serves: what a client needs to find and call the one tool. Everything else the
+// SDK knows (subscriptions/listen, which holds its stream open for as long as the client likes; resources/read;
+// completions) has no use here and is refused before the SDK sees it. Notifications (no answer, no stream) pass.
+var mcpMethods = map[string]bool{"initialize": true, "ping": true, "tools/list": true, "tools/call": true,
+	"resources/list": true, "resources/templates/list": true, "prompts/list": true}
+
+// checkMCPMessage holds a JSON-RPC message to what /execute holds a body to before the SDK parses it: valid UTF-8,
+// one JSON object (no batch: one HTTP request is one call, so the admission gate and Cloud Run's concurrency count
+// calls), no duplicate keys, no lone surrogates, bounded keys, elements and depth (checkJSON); an id that is a
+// string or an integer; and a method of mcpMethods. It returns a JSON-RPC error code and why ("" if it passes).
+func checkMCPMessage(body []byte) (int, string) {
+	if !utf8.Valid(body) {
+		return rpcParseError, fmt.Sprintf("the message is not valid UTF-8 (at byte %d)", invalidUTF8At(body))
+	}
+	if start := bytes.TrimLeft(body, " \t\r\n"); len(start) > 0 && start[0] == '[' {
+		return rpcInvalidRequest, "batches are not served: send one JSON-RPC message per request"
+	}
+	if err := checkJSON(body); err != nil {
+		return rpcParseError, strings.Replace(err.Error(), "request body", "the message", 1)
+	}
+	var m struct {
+		ID     json.RawMessage `json:"id"`
+		Method string          `json:"method"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		return rpcInvalidRequest, "the message is not a JSON-RPC request"
+	}
+	if len(m.ID) > 0 && !jsonrpcID.Match(m.ID) {
+		return rpcInvalidRequest, "the message's id must be a string or an integer"
+	}
+	switch {
+	case m.Method == "":
+		return rpcInvalidRequest, "the message is not a request: this server sends no requests to answer"
+	case strings.HasPrefix(m.Method, "notifications/"), mcpMethods[m.Method]:
+		return 0, ""
+	}
+	return rpcNoSuchMethod, fmt.Sprintf("method %s is not served here", strconv.Quote(clip(m.Method, 100)))
+}
+
+// jsonrpcID matches the ids checkMCPMessage accepts: a string, or an integer of at most 18 digits (any int64).
+var jsonrpcID = regexp.MustCompile(`^("(?:[^"\\]|\\.)*"|-?[0-9]{1,18})$`)
 
 // prefix keeps the first max bytes written to it.
 type prefix struct {
@@ -245,8 +300,8 @@ func requestID(head []byte) any {
 	return nil
 }
 
-// runPython is the tool: the arguments checked as /execute checks a body's, then Service.run.
-func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runPythonArgs) (*mcp.CallToolResult, *runOutput, error) {
+// runPython is the tool: the arguments decoded as /execute decodes a body, then Service.run.
+func (s *Service) runPython(ctx context.Context, creq *mcp.CallToolRequest) (*mcp.CallToolResult, error) {
 	call, _ := ctx.Value(mcpCallKey{}).(*mcpCall)
 	if call == nil { // not through serveMCP: nothing to keep the answer's room until it is written
 		call = &mcpCall{ctx: ctx}
@@ -258,11 +313,15 @@ func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runP
 	defer context.AfterFunc(ctx, cancel)()
 
 	begin := time.Now()
-	req, _, verr := checkRequest(in.Script, in.Files, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
+	args := []byte(creq.Params.Arguments)
+	req, _, verr := decodeBody(args, s.cfg.MaxScriptBytes, s.runner.Limits().TmpfsInodes)
 	if verr != nil {
 		s.logCall(rctx, begin, []slog.Attr{slog.String("outcome", verr.Type)})
-		return errorResult(&toolError{Type: verr.Type, Message: verr.Message}, nil)
+		// decodeBody speaks of a request body; here that is the tool's arguments.
+		msg := strings.Replace(verr.Message, "request body", "the arguments", 1)
+		return errorResult(&toolError{Type: verr.Type, Message: msg}, nil)
 	}
+	args = nil
 	held := call.newHold(s.mem)
 	if !held.TryGrow(req.size()) {
 		return s.refuse(rctx, begin, nil, &refusal{retryAfter: time.Second, message: errBodyBudget.Error()})
@@ -273,7 +332,7 @@ func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runP
 		return s.refuse(rctx, begin, x.entry, x.refused)
 	case x.answer == nil:
 		s.logCall(rctx, begin, x.entry)
-		return nil, nil, fmt.Errorf("the call was canceled: %w", context.Cause(rctx))
+		return nil, fmt.Errorf("the call was canceled: %w", context.Cause(rctx))
 	}
 	s.logCall(rctx, begin, x.entry)
 	a := x.answer
@@ -281,12 +340,11 @@ func (s *Service) runPython(ctx context.Context, _ *mcp.CallToolRequest, in runP
 		// An internal error's message is the generic one run made; its cause is in the log only.
 		return errorResult(&toolError{Type: a.err.Type, Message: a.err.Message, Limit: a.err.Limit, Traceback: a.err.Traceback}, a.out)
 	}
-	res, out := toolResult(a.out, nil)
-	return res, out, nil
+	return toolResult(a.out, nil)
 }
 
 // refuse is the tool's 503: an error result that says when to retry.
-func (s *Service) refuse(ctx context.Context, begin time.Time, entry []slog.Attr, ref *refusal) (*mcp.CallToolResult, *runOutput, error) {
+func (s *Service) refuse(ctx context.Context, begin time.Time, entry []slog.Attr, ref *refusal) (*mcp.CallToolResult, error) {
 	s.logCall(ctx, begin, append(entry, slog.String("outcome", "Overloaded")))
 	secs := retrySeconds(ref.retryAfter)
 	return errorResult(&toolError{Type: "Overloaded", RetryAfterSeconds: secs,
@@ -308,15 +366,18 @@ func (s *Service) logCall(ctx context.Context, begin time.Time, entry []slog.Att
 		slog.Float64("call_ms", ms(time.Since(begin))))...)
 }
 
-func errorResult(e *toolError, o *sandbox.Outcome) (*mcp.CallToolResult, *runOutput, error) {
-	res, out := toolResult(o, e)
-	res.IsError = true
-	return res, out, nil
+func errorResult(e *toolError, o *sandbox.Outcome) (*mcp.CallToolResult, error) {
+	res, err := toolResult(o, e)
+	if res != nil {
+		res.IsError = true
+	}
+	return res, err
 }
 
 // toolResult makes the tool's result of an outcome (nil when the script did not start) and an error (nil on
-// success): the structured content, a text for the model, each image as an image and each other file as a resource.
-func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, *runOutput) {
+// success): the structured content (runOutput, encoded here: main()'s result goes as the script made it), a text
+// for the model, each image as an image and each other file as a resource.
+func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, error) {
 	out := &runOutput{Files: []mcpFile{}, FilesOmitted: []mcpFile{}, Error: e}
 	if o != nil {
 		if e == nil {
@@ -331,7 +392,12 @@ func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, *runOutp
 			out.FilesOmitted = append(out.FilesOmitted, mcpFile{Path: f.Path, Size: f.Size})
 		}
 	}
-	res := &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: summary(out, o != nil && o.Started)}}}
+	structured, err := json.Marshal(out)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the tool's structured content: %w", err)
+	}
+	res := &mcp.CallToolResult{Content: []mcp.Content{&mcp.TextContent{Text: summary(out, o != nil && o.Started)}},
+		StructuredContent: json.RawMessage(structured)}
 	if o != nil {
 		for _, f := range o.Files {
 			data, err := base64.StdEncoding.DecodeString(f.Content)
@@ -341,7 +407,7 @@ func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, *runOutp
 			res.Content = append(res.Content, fileContent(f.Path, data))
 		}
 	}
-	return res, out
+	return res, nil
 }
 
 // imageTypes are the images a model can see: sniffed from the bytes, since a script may name a file as it likes.

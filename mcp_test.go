@@ -400,3 +400,104 @@ func sameJSON(got json.RawMessage, want string) bool {
 	var a, b any
 	return json.Unmarshal(got, &a) == nil && json.Unmarshal([]byte(want), &b) == nil && reflect.DeepEqual(a, b)
 }
+
+// mcpPost sends one raw message to /mcp as a Streamable HTTP client would, without a session (the server is
+// stateless).
+func mcpPost(t *testing.T, body string) response {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, srv.URL+"/mcp", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return response{resp.StatusCode, resp.Header, b}
+}
+
+func toolCall(args string) string {
+	return `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"run_python","arguments":` + args + `}}`
+}
+
+// What the SDK would take loosely, or hold open, is refused before it sees it, as /execute refuses such a body: one
+// message per request (a batch was many calls past the gate and Cloud Run's concurrency in one request), only the
+// methods a client of the one tool needs (subscriptions/listen held its stream, and 4x its body of the budget, for
+// as long as the client liked), ids that are strings or integers, the checks of checkJSON over the whole message
+// (a 2 MiB message of empty arrays took the SDK's decoder to 100 MiB), and arguments decoded as /execute decodes a
+// body (the SDK's decoder ran the last of duplicate scripts, and replaced invalid UTF-8).
+func TestMCPRefusedAtTheEdge(t *testing.T) {
+	one := `"def main():\n    return 1\n"`
+	tests := []struct {
+		name, body string
+		status     int
+		code       int    // the JSON-RPC error's; 0: a tool error (isError) with this message
+		message    string // in the error's message
+	}{
+		{"batch", `[` + toolCall(`{"script":`+one+`}`) + `,` + toolCall(`{"script":`+one+`}`) + `]`, 400, rpcInvalidRequest, "batches are not served"},
+		{"a method that holds its stream", `{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen","params":{}}`, 400, rpcNoSuchMethod, "subscriptions/listen"},
+		{"resources/read", `{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///etc/passwd"}}`, 400, rpcNoSuchMethod, "not served"},
+		{"a fractional id", `{"jsonrpc":"2.0","id":1.5,"method":"ping"}`, 400, rpcInvalidRequest, "id must be"},
+		{"an object id", `{"jsonrpc":"2.0","id":{},"method":"ping"}`, 400, rpcInvalidRequest, "id must be"},
+		{"a response", `{"jsonrpc":"2.0","id":1,"result":{}}`, 400, rpcInvalidRequest, "not a request"},
+		{"many empty arrays", toolCall(`{"script":` + one + `,"files":[` + strings.Repeat("[],", 5000) + `[]]}`), 400, rpcParseError, "more than 1024 elements"},
+		{"deep nesting", toolCall(strings.Repeat(`{"a":`, 40) + `1` + strings.Repeat(`}`, 40)), 400, rpcParseError, "nested"},
+		{"duplicate scripts", toolCall(`{"script":` + one + `,"script":"def main():\n    return 2\n"}`), 400, rpcParseError, "duplicate key"},
+		{"duplicate method", `{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}`, 400, rpcParseError, "duplicate key"},
+		{"invalid UTF-8", toolCall(`{"script":"def main():\n    return '` + "\xff" + `'\n"}`), 400, rpcParseError, "not valid UTF-8"},
+		{"lone surrogate", toolCall(`{"script":"def main():\n    return '\ud800'\n"}`), 400, rpcParseError, "surrogate"},
+		{"an unknown argument", toolCall(`{"script":` + one + `,"extra":1}`), 200, 0, `unknown field "extra"`},
+		{"no arguments", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"run_python"}}`, 200, 0, "the arguments must be a JSON object"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := mcpPost(t, tt.body)
+			var m struct {
+				Error *struct {
+					Code    int
+					Message string
+				}
+				Result *struct {
+					IsError bool
+					Content []struct{ Text string }
+				}
+			}
+			if err := json.Unmarshal(r.body, &m); err != nil || r.status != tt.status {
+				t.Fatalf("%d %s", r.status, r.body)
+			}
+			switch {
+			case tt.code != 0 && (m.Error == nil || m.Error.Code != tt.code || !strings.Contains(m.Error.Message, tt.message)):
+				t.Fatalf("want JSON-RPC error %d with %q: %s", tt.code, tt.message, r.body)
+			case tt.code == 0 && (m.Result == nil || !m.Result.IsError || len(m.Result.Content) == 0 ||
+				!strings.Contains(m.Result.Content[0].Text, tt.message)):
+				t.Fatalf("want a tool error with %q: %s", tt.message, r.body)
+			}
+		})
+	}
+	// The ordinary messages still pass.
+	for _, body := range []string{`{"jsonrpc":"2.0","id":"a-string","method":"ping"}`, `{"jsonrpc":"2.0","id":3,"method":"tools/list"}`,
+		toolCall(`{"script":` + one + `}`)} {
+		var m struct{ Error any }
+		if r := mcpPost(t, body); r.status != 200 || json.Unmarshal(r.body, &m) != nil || m.Error != nil {
+			t.Errorf("%s: %d %s", body, r.status, r.body)
+		}
+	}
+}
+
+// main()'s result reaches the structured content exactly as the script made it: no trip through float64.
+func TestMCPResultIsExact(t *testing.T) {
+	const want = `{"big": 9007199254740993, "huge": 1` + "%s" + `, "one": 1.0, "negative_zero": -0.0, "digits": 12345678901234567891}`
+	r := mcpPost(t, toolCall(`{"script":"def main():\n    return {'big': 2**53 + 1, 'huge': 10**400, 'one': 1.0, 'negative_zero': -0.0, 'digits': 12345678901234567891}\n"}`))
+	var m struct {
+		Result struct {
+			IsError           bool
+			StructuredContent struct{ Result json.RawMessage }
+		}
+	}
+	if err := json.Unmarshal(r.body, &m); err != nil || r.status != 200 || m.Result.IsError {
+		t.Fatalf("%d %s", r.status, r.body)
+	}
+	t.Logf("structured result: %.120s", m.Result.StructuredContent.Result)
+	jsonEqual(t, m.Result.StructuredContent.Result, fmt.Sprintf(want, strings.Repeat("0", 400)))
+}

@@ -59,14 +59,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// decodeRequest reads a request body strictly: valid UTF-8, one JSON object with no duplicate keys and no lone
-// surrogate escapes (which a decoder would silently replace), with a non-empty string "script" and optionally
-// "files". The script that runs, and the files it finds, are exactly the ones that were sent, or nothing runs. What
-// the body holds is charged to held as it arrives; when the budget has no room, the status is 503.
+// decodeRequest reads a request body strictly (decodeBody). What the body holds is charged to held as it arrives;
+// when the budget has no room, the status is 503.
 func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, maxBody int64, maxScript, maxInodes int) (executeRequest, int, *apiError) {
-	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
-		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
-	}
 	body, status, aerr := readBody(w, r, held, maxBody)
 	if aerr != nil {
 		return executeRequest{}, status, aerr
@@ -75,6 +70,22 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 	// decoded strings): that is held too, and what the request keeps (its script and files) is what it holds after.
 	if !held.TryGrow(decodeCost * int64(len(body))) {
 		return executeRequest{}, http.StatusServiceUnavailable, &apiError{Type: "Overloaded", Message: errBodyBudget.Error()}
+	}
+	req, status, aerr := decodeBody(body, maxScript, maxInodes)
+	if aerr != nil {
+		return req, status, aerr
+	}
+	held.Shrink(held.Bytes() - req.size())
+	return req, 0, nil
+}
+
+// decodeBody reads the contract's request (POST /execute's body, the MCP tool's arguments) strictly: valid UTF-8,
+// one JSON object with no duplicate keys and no lone surrogate escapes (which a decoder would silently replace),
+// with a non-empty string "script" and optionally "files". The script that runs, and the files it finds, are
+// exactly the ones that were sent, or nothing runs.
+func decodeBody(body []byte, maxScript, maxInodes int) (executeRequest, int, *apiError) {
+	invalid := func(status int, format string, args ...any) (executeRequest, int, *apiError) {
+		return executeRequest{}, status, &apiError{Type: "ValidationError", Message: fmt.Sprintf(format, args...)}
 	}
 	if !utf8.Valid(body) {
 		return invalid(http.StatusBadRequest, "request body is not valid UTF-8 (at byte %d)", invalidUTF8At(body))
@@ -102,12 +113,7 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, held *budget.Hold, ma
 	if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &script) != nil {
 		return invalid(http.StatusBadRequest, "'script' must be a string")
 	}
-	req, status, aerr := checkRequest(script, fields["files"], maxScript, maxInodes)
-	if aerr != nil {
-		return req, status, aerr
-	}
-	held.Shrink(held.Bytes() - req.size())
-	return req, 0, nil
+	return checkRequest(script, fields["files"], maxScript, maxInodes)
 }
 
 // readBody reads a request's whole body, at most maxBody bytes, charging it to held as it arrives and keeping the
