@@ -43,7 +43,7 @@ func (s *Service) execute(w http.ResponseWriter, r *http.Request) []slog.Attr {
 		writeError(w, status, *verr, nil)
 		return []slog.Attr{slog.String("outcome", verr.Type)}
 	}
-	x := s.run(r.Context(), &req, held, 1)
+	x := s.run(r.Context(), &req, held, (*answer).size)
 	switch {
 	case x.refused != nil:
 		return s.overloaded(w, x.entry, x.refused.retryAfter, x.refused.message)
@@ -73,12 +73,12 @@ type refusal struct {
 
 // run takes a validated request through the admission gate into a jail and makes its answer: the one way a script
 // runs, whichever way it came in. held holds the request (its script and files); once the script has run it is
-// made the answer's size times cost (what the caller's encoding of the answer holds at its largest, in answers),
-// which the caller keeps until the client has the answer. req is cleared once the jail has it.
+// made what cost says the caller's encoding of the answer holds at its largest, which the caller keeps until the
+// client has the answer. req is cleared once the jail has it.
 //
 // The connection is held (connlimit.Hold) only while the request waits for a slot and runs: reading a body, or
 // writing an answer the client may not read, it can be closed to make room like an idle one.
-func (s *Service) run(ctx context.Context, req *executeRequest, held *budget.Hold, cost int64) execution {
+func (s *Service) run(ctx context.Context, req *executeRequest, held *budget.Hold, cost func(*answer) int64) execution {
 	script := req.Script
 	sum := sha256.Sum256(script)
 	begin := time.Now()
@@ -127,10 +127,11 @@ func (s *Service) run(ctx context.Context, req *executeRequest, held *budget.Hol
 	// The answer is held in memory until the client has it. Room for it is found while the slot is still held, so
 	// that answers waiting for room never outnumber the slots.
 	wait, cancel := context.WithTimeout(ctx, answerWait)
-	err = held.Resize(wait, cost*a.size())
+	charge := cost(a)
+	err = held.Resize(wait, charge)
 	cancel()
 	release()
-	entry = append(entry, slog.Int64("answer_bytes", cost*a.size()))
+	entry = append(entry, slog.Int64("answer_bytes", charge))
 	if err != nil {
 		return execution{entry: entry, refused: &refusal{retryAfter: answerWait,
 			message: "the server is writing too many large answers at once; retry later"}}

@@ -28,13 +28,62 @@ import (
 
 	"github.com/safe-py/safepy/internal/budget"
 	"github.com/safe-py/safepy/internal/cloudlog"
+	"github.com/safe-py/safepy/internal/pace"
 	"github.com/safe-py/safepy/sandbox"
 )
 
-// mcpAnswerCost is what an answer holds while the tool's result is made and sent, in answers as /execute sends them:
-// the result, stdout and stderr twice (text and structured content), the files decoded, then the whole response
-// encoded by the SDK before it is written.
-const mcpAnswerCost = 4
+// mcpTextCap bounds each of stdout, stderr and main()'s result in the text for the model; the structured content
+// has them whole. A model reads a few pages, not a mebibyte, and the text is most of what an answer costs to encode.
+const mcpTextCap = 64 << 10
+
+// mcpAnswerBytes is what an answer holds while the tool's result is made and sent, every string at its length in
+// JSON (a control byte is six): the outcome (size), the text for the model and the structured content, then the
+// SDK's encoding of the whole response, twice over while its buffer grows; files as base64 in the outcome and in
+// the response, and decoded between.
+func mcpAnswerBytes(a *answer) int64 {
+	var structured, files int64
+	if a.err != nil {
+		structured += jsonLen(a.err.Message) + jsonLen(a.err.Traceback)
+	}
+	if o := a.out; o != nil {
+		structured += jsonLen(o.Stdout) + jsonLen(o.Stderr) + int64(len(o.Result))
+		for _, f := range o.Files {
+			files += int64(len(f.Content)) + jsonLen(f.Path) + 256
+		}
+		for _, f := range o.FilesOmitted {
+			structured += jsonLen(f.Path) + 64
+		}
+	}
+	return mcpCharge(a.size(), structured+8<<10, files)
+}
+
+// mcpCharge is mcpAnswerBytes's sum, of an answer's size, its structured content's encoded length and its files'
+// base64; the text for the model is at most the structured content and its own caps' worth (each shown part of at
+// most mcpTextCap bytes six times over, and json.Indent's spaces of a short result).
+func mcpCharge(size, structured, files int64) int64 {
+	text := min(structured, 6*3*mcpTextCap) + 4*mcpIndentMax + 8<<10
+	return size + 3*(text+structured) + 3*files
+}
+
+// jsonLen is the length of s as a JSON string, as encoding/json writes it (HTML characters escaped).
+func jsonLen(s string) int64 {
+	n := int64(2)
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1, r == '\u2028', r == '\u2029':
+			n += 6
+		case r == '"' || r == '\\' || r == '\n' || r == '\r' || r == '\t':
+			n += 2
+		case r < 0x20 || r == '<' || r == '>' || r == '&':
+			n += 6
+		default:
+			n += int64(size)
+		}
+		i += size
+	}
+	return n
+}
 
 // runOutput is the tool's structured content: the contract's answer less the files' contents (which come as image
 // and resource content), with error set when the script failed or the call was refused.
@@ -193,7 +242,65 @@ func (s *Service) serveMCP(w http.ResponseWriter, r *http.Request) {
 		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
-	s.mcp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), mcpCallKey{}, call)))
+	// The SDK writes the answer whole; it is sent at answerRate or faster, as /execute's is, and a client that
+	// reads slower is cut off rather than holding the answer's room until the server's write timeout.
+	pw := &pacedResponse{ResponseWriter: w, rc: http.NewResponseController(w)}
+	s.mcp.ServeHTTP(pw, r.WithContext(context.WithValue(r.Context(), mcpCallKey{}, call)))
+	if err := pw.finish(); err != nil {
+		s.log.LogAttrs(call.ctx, slog.LevelWarn, "mcp answer not sent", slog.Int64("written_bytes", pw.written()),
+			slog.Float64("writing_ms", ms(time.Since(pw.began()))), slog.String("error", err.Error()))
+	}
+}
+
+// pacedResponse sends what is written to it through a pace.Writer from the first write on.
+type pacedResponse struct {
+	http.ResponseWriter
+	rc  *http.ResponseController
+	pw  *pace.Writer
+	err error
+}
+
+func (p *pacedResponse) Write(b []byte) (int, error) {
+	if p.pw == nil {
+		p.pw = &pace.Writer{W: p.ResponseWriter, Rate: answerRate, Start: time.Now(),
+			SetDeadline: func(t time.Time) error { return unsupportedOK(p.rc.SetWriteDeadline(t)) }}
+	}
+	n, err := p.pw.Write(b)
+	if err != nil && p.err == nil {
+		p.err = err
+	}
+	return n, err
+}
+
+func (p *pacedResponse) Flush() { _ = p.rc.Flush() }
+
+func (p *pacedResponse) Unwrap() http.ResponseWriter { return p.ResponseWriter }
+
+// finish sends what the server still buffers within the pace, and clears the deadline for the connection's next
+// request; it returns the first error of the answer's writing.
+func (p *pacedResponse) finish() error {
+	if p.pw == nil || p.err != nil {
+		return p.err
+	}
+	err := p.pw.Flush(func() error { return unsupportedOK(p.rc.Flush()) })
+	if err == nil {
+		err = unsupportedOK(p.rc.SetWriteDeadline(time.Time{}))
+	}
+	return err
+}
+
+func (p *pacedResponse) began() time.Time {
+	if p.pw == nil {
+		return time.Now()
+	}
+	return p.pw.Start
+}
+
+func (p *pacedResponse) written() int64 {
+	if p.pw == nil {
+		return 0
+	}
+	return p.pw.Written()
 }
 
 // rpcError refuses a request the SDK never saw with the HTTP status /execute would give it, and a JSON-RPC error
@@ -326,7 +433,7 @@ func (s *Service) runPython(ctx context.Context, creq *mcp.CallToolRequest) (*mc
 	if !held.TryGrow(req.size()) {
 		return s.refuse(rctx, begin, nil, &refusal{retryAfter: time.Second, message: errBodyBudget.Error()})
 	}
-	x := s.run(rctx, &req, held, mcpAnswerCost)
+	x := s.run(rctx, &req, held, mcpAnswerBytes)
 	switch {
 	case x.refused != nil:
 		return s.refuse(rctx, begin, x.entry, x.refused)
@@ -410,6 +517,22 @@ func toolResult(o *sandbox.Outcome, e *toolError) (*mcp.CallToolResult, error) {
 	return res, nil
 }
 
+// mcpIndentMax bounds the indented result in the text for the model.
+const mcpIndentMax = 16 << 10
+
+// capText cuts s at mcpTextCap bytes (at a character's start), saying where the whole of it is.
+func capText(s, what, field string) string {
+	if len(s) <= mcpTextCap {
+		return s
+	}
+	cut := mcpTextCap
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s\n(%s is cut here at %d of its %d bytes; the structured content's %s has all of it)",
+		s[:cut], what, cut, len(s), field)
+}
+
 // imageTypes are the images a model can see: sniffed from the bytes, since a script may name a file as it likes.
 var imageTypes = map[string]bool{"image/png": true, "image/jpeg": true, "image/gif": true, "image/webp": true}
 
@@ -438,12 +561,13 @@ func summary(out *runOutput, started bool) string {
 			fmt.Fprintf(&b, "\ntraceback:\n%s\n", strings.TrimRight(e.Traceback, "\n"))
 		}
 	} else {
+		result := out.Result
 		var r bytes.Buffer
-		if json.Indent(&r, out.Result, "", "  ") != nil {
-			r.Reset()
-			r.Write(out.Result)
+		// Indented only when short: json.Indent writes a deeply nested result hundreds of times over.
+		if len(result) <= mcpIndentMax/16 && json.Indent(&r, result, "", "  ") == nil && r.Len() <= mcpIndentMax {
+			result = r.Bytes()
 		}
-		fmt.Fprintf(&b, "result (JSON):\n%s\n", r.Bytes())
+		fmt.Fprintf(&b, "result (JSON):\n%s\n", capText(string(result), "the result", "result"))
 	}
 	if !started {
 		return b.String()
@@ -453,7 +577,7 @@ func summary(out *runOutput, started bool) string {
 			fmt.Fprintf(&b, "\n%s: (empty)\n", name)
 			return
 		}
-		fmt.Fprintf(&b, "\n%s:\n%s\n", name, strings.TrimSuffix(text, "\n"))
+		fmt.Fprintf(&b, "\n%s:\n%s\n", name, strings.TrimSuffix(capText(text, name, name), "\n"))
 		if truncated {
 			fmt.Fprintf(&b, "(%s was cut at its cap)\n", name)
 		}

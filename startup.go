@@ -163,9 +163,13 @@ func NewService(cfg Config, log *slog.Logger) (*Service, error) {
 	// The largest a request can hold: its body while it is decoded, or its answer (a compacted copy of its result
 	// too) at the caps.
 	largest := max(cfg.MaxBodyBytes*(1+decodeCost), (&answer{}).size()+runner.MaxOutcomeBytes()+int64(runner.Config().MaxResultBytes))
-	// An MCP answer holds more than /execute's (mcpAnswerCost): one at the caps must fit, or no wait would help it.
+	// An MCP answer holds more than /execute's (mcpAnswerBytes): one at the caps must fit, or no wait would help it.
+	// At the caps, stdout and stderr are all control bytes (six each in JSON), the result all quotes (two).
+	sc := runner.Config()
+	mcpLargest := mcpCharge(largest, int64(6*(sc.MaxStdoutBytes+sc.MaxStderrBytes)+2*sc.MaxResultBytes)+8<<10,
+		int64((sandbox.MaxOutputBytes+2)/3*4+sandbox.MaxFiles*(6*sandbox.MaxPathBytes+256)))
 	s := &Service{cfg: cfg, runner: runner, log: log, gate: gate,
-		mem: budget.New(max(memoryBudget, 2*largest, mcpAnswerCost*largest), smallHold, cfg.MaxConns)}
+		mem: budget.New(max(memoryBudget, 2*largest, mcpLargest), smallHold, cfg.MaxConns)}
 	if s.mcp, err = s.newMCPHandler(); err != nil {
 		runner.Close()
 		return nil, err

@@ -40,10 +40,10 @@ type OmittedFile struct {
 const (
 	// maxFilesFrame bounds the files frame: MaxOutputBytes in base64, and each file's and omitted file's path (a
 	// byte may be escaped to six in JSON), size and the JSON around them.
-	maxFilesFrame     = (MaxOutputBytes+2)/3*4 + 2*MaxFiles*(6*maxPathBytes+128) + 1024
+	maxFilesFrame     = (MaxOutputBytes+2)/3*4 + 2*MaxFiles*(6*MaxPathBytes+128) + 1024
 	MaxFiles          = 64      // in a request, and in an answer (and omitted files named in an answer)
 	MaxOutputBytes    = 8 << 20 // all output files together
-	maxPathBytes      = 1024
+	MaxPathBytes      = 1024    // a file's path under /sandbox
 	maxComponentBytes = 255
 	// collectCPU bounds the harness's walk of /sandbox in CPU time of its own thread, which measures the tree and
 	// not the machine's load: a tree that takes longer to walk is cut and flagged. A walk of the 4,096 inodes
@@ -59,8 +59,8 @@ func CheckPath(p string) error {
 		return fmt.Errorf("the path is empty")
 	case strings.HasPrefix(p, "/"):
 		return fmt.Errorf("the path must be relative to /sandbox, not absolute")
-	case len(p) > maxPathBytes:
-		return fmt.Errorf("the path is longer than %d bytes", maxPathBytes)
+	case len(p) > MaxPathBytes:
+		return fmt.Errorf("the path is longer than %d bytes", MaxPathBytes)
 	case strings.ContainsRune(p, 0):
 		return fmt.Errorf("the path contains a NUL byte")
 	}

@@ -61,7 +61,7 @@ type harnessConfig struct {
 
 func (r *parts) harnessConfig(preload []string) harnessConfig {
 	return harnessConfig{CPUSeconds: r.limits.CPUSeconds, Rlimits: jaildef.PinnedRlimits, Preload: preload,
-		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes, MaxPathBytes: maxPathBytes, CollectCPU: collectCPU}
+		MaxFiles: MaxFiles, MaxFileBytes: MaxOutputBytes, MaxPathBytes: MaxPathBytes, CollectCPU: collectCPU}
 }
 
 // jailArgs is nsjail's command line for a jail whose processes are uid outside, preloading preload.

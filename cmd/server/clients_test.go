@@ -78,53 +78,97 @@ func mustPost(t *testing.T, url, script string) {
 	}
 }
 
-// 24 clients that ask for a 23 MiB answer each and never read it: the answers are encoded to the connection as they
-// go, the memory they hold is within the budget shared with request bodies, and a client that does not read is cut
-// off. Held whole in buffers, they took the server past 500 MiB (12 of them) and kept it there.
+// 24 clients that ask for a 23 MiB answer each and never read it, by POST /execute and by an MCP tool call: the
+// answers are encoded to the connection as they go (/execute) or charged at what encoding them holds (/mcp), the
+// memory they hold is within the budget shared with request bodies, and a client that does not read is cut off.
+// Held whole in buffers, they took the server past 500 MiB (12 of them) and kept it there; /mcp's, charged at four
+// times /execute's size and sent without a pace, took it from 208 to 576 MiB (8 clients that read) and held the
+// budget for 58 s (8 that did not).
 func TestClientsThatNeverReadCostABoundedAmount(t *testing.T) {
-	s := start(t, nil)
-	s.WaitHealthy(t)
-	pid := s.Cmd.Process.Pid
-	mustPost(t, s.URL, bigAnswer) // whatever the first big answer makes the runtime keep, before the baseline
-	base := procStatus(t, pid, "VmRSS")
-	addr := strings.TrimPrefix(s.URL, "http://")
-	const clients = 24
-	for i := 0; i < clients; i++ {
-		sendExecute(t, dialSmall(t, addr), bigAnswer)
+	for _, way := range []struct {
+		name string
+		send func(t *testing.T, c net.Conn, script string)
+		cut  string // the log entry of an answer cut off, besides the execution entry
+	}{
+		{"execute", sendExecute, ""},
+		{"mcp", sendMCPCall, "mcp answer not sent"},
+	} {
+		t.Run(way.name, func(t *testing.T) {
+			s := start(t, nil)
+			s.WaitHealthy(t)
+			pid := s.Cmd.Process.Pid
+			mustPost(t, s.URL, bigAnswer) // whatever the first big answer makes the runtime keep, before the baseline
+			base := procStatus(t, pid, "VmRSS")
+			addr := strings.TrimPrefix(s.URL, "http://")
+			const clients = 24
+			for i := 0; i < clients; i++ {
+				way.send(t, dialSmall(t, addr), bigAnswer)
+			}
+			// Every request is answered or refused: its execution entry is logged once the answer is out or cut off
+			// (an MCP call's before its answer is written, and the cut after).
+			var cut, refused int
+			var held []string // how long each cut answer was held: from its request's start to the cut
+			count := func() {
+				cut, refused, held = 0, 0, nil
+				if way.cut != "" {
+					cut = len(s.Entries(way.cut))
+					for _, e := range s.Entries(way.cut) {
+						ms, _ := e["writing_ms"].(float64)
+						held = append(held, fmt.Sprintf("%.1fs", ms/1000))
+					}
+				}
+				for _, e := range s.Entries("execution")[1:] {
+					switch {
+					case e["outcome"] == "Overloaded":
+						refused++
+					case way.cut == "" && e["answer_error"] != nil:
+						cut++
+						run, _ := e["total_ms"].(float64)
+						latency, _ := e["httpRequest"].(map[string]any)["latency"].(string)
+						d, _ := time.ParseDuration(latency)
+						held = append(held, fmt.Sprintf("%.1fs", (d-time.Duration(run*float64(time.Millisecond))).Seconds()))
+					}
+				}
+			}
+			for deadline := time.Now().Add(120 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+				if count(); len(s.Entries("execution")) == clients+1 && cut+refused == clients {
+					break
+				}
+				if time.Now().After(deadline) { // a bound for a broken build only
+					t.Fatalf("%d of %d requests ended: %d cut off, %d refused", len(s.Entries("execution"))-1, clients, cut, refused)
+				}
+			}
+			peak := procStatus(t, pid, "VmHWM")
+			t.Logf("server RSS %d MiB before, peak %d MiB; %d answers cut off unread (each after %v of writing, queue and run excluded), %d refused for want of room",
+				base>>10, peak>>10, cut, held, refused)
+			// The budget (96 MiB: one MCP answer at the caps) and what the two slots' running jails hold (about 15
+			// MiB each), with the garbage collector's headroom within the heap limit, and the runtime's own; far below
+			// what the answers would be whole (24 x 23 MiB).
+			// Cut off at the answer's pace (5 s, and its size at 256 KiB/s, of which the kernel's buffers take half
+			// a MiB), long before the server's write timeout of 60 s would end it.
+			for _, h := range held {
+				if d, _ := time.ParseDuration(h); d >= 30*time.Second {
+					t.Errorf("an unread answer was held for %s of writing", h)
+				}
+			}
+			if grew := (peak - base) >> 10; grew > 256 {
+				t.Errorf("the server grew by %d MiB for %d clients that do not read", grew, clients)
+			}
+			mustPost(t, s.URL, "def main():\n    return 1\n") // and it serves on
+			mustPost(t, s.URL, bigAnswer)                     // a big answer too: the budget is whole again
+		})
 	}
-	// Every request is answered or refused: its execution entry is logged once the answer is out or cut off.
-	for deadline := time.Now().Add(90 * time.Second); len(s.Entries("execution")) < clients+1; time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) { // a bound for a broken build only
-			t.Fatalf("%d of %d requests ended", len(s.Entries("execution"))-1, clients)
-		}
+}
+
+// sendMCPCall sends a tools/call of run_python with script, as an MCP client over Streamable HTTP would.
+func sendMCPCall(t *testing.T, c net.Conn, script string) {
+	t.Helper()
+	body, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+		"params": map[string]any{"name": "run_python", "arguments": map[string]string{"script": script}}})
+	if _, err := fmt.Fprintf(c, "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"+
+		"Accept: application/json, text/event-stream\r\nContent-Length: %d\r\n\r\n%s", len(body), body); err != nil {
+		t.Fatal(err)
 	}
-	peak := procStatus(t, pid, "VmHWM")
-	var cut, refused int
-	var held []string // how long each cut answer was held: from its request's start to the cut
-	for _, e := range s.Entries("execution")[1:] {
-		switch {
-		case e["outcome"] == "Overloaded":
-			refused++
-		case e["answer_error"] != nil:
-			cut++
-			run, _ := e["total_ms"].(float64)
-			latency, _ := e["httpRequest"].(map[string]any)["latency"].(string)
-			d, _ := time.ParseDuration(latency)
-			held = append(held, fmt.Sprintf("%.1fs", (d-time.Duration(run*float64(time.Millisecond))).Seconds()))
-		}
-	}
-	t.Logf("server RSS %d MiB before, peak %d MiB; %d answers cut off unread (each after %v of writing, queue and run excluded), %d refused for want of room",
-		base>>10, peak>>10, cut, held, refused)
-	// The budget (64 MiB) and what the two slots' running jails hold (about 15 MiB each), twice over for the
-	// garbage collector's headroom, and the runtime's own; far below what the answers would be whole (24 x 23 MiB).
-	if grew := (peak - base) >> 10; grew > 256 {
-		t.Errorf("the server grew by %d MiB for %d clients that do not read", grew, clients)
-	}
-	if cut+refused != clients {
-		t.Errorf("%d cut off and %d refused of %d clients that never read", cut, refused, clients)
-	}
-	mustPost(t, s.URL, "def main():\n    return 1\n") // and it serves on
-	mustPost(t, s.URL, bigAnswer)                     // a big answer too: the budget is whole again
 }
 
 // Connections that announce a large body and send it a byte a second neither hold the body budget nor lock anyone
