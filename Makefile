@@ -12,7 +12,7 @@ runtime:
 	@./runtime/install.sh "$(SAFEPY_RUNTIME_DIR)"
 
 run: runtime
-	$(GO) run ./cmd/server
+	LOCAL_ONLY=true $(GO) run ./cmd/server
 
 # The same function under the Functions Framework's own local runner (cmd/local), on 127.0.0.1 only.
 local: runtime

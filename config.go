@@ -34,6 +34,7 @@ type Config struct {
 	CloudRunService string
 
 	Port           string        // PORT: where cmd/server listens
+	LocalOnly      bool          // LOCAL_ONLY=true: cmd/server listens on 127.0.0.1 only, as the framework's runner does
 	FunctionTarget string        // FUNCTION_TARGET: the function to serve; only Execute exists
 	ShutdownGrace  time.Duration // SAFEPY_SHUTDOWN_GRACE: how long running executions may finish after SIGTERM
 	// PrepareRetry is SAFEPY_PREPARE_RETRY: after the function's start-up failed (under the Functions Framework's
@@ -133,6 +134,7 @@ func ConfigFromEnv() (Config, error) {
 		cfg.HeapLimit = heapLimit
 	}
 	cfg.Port, cfg.FunctionTarget = str("PORT", "8080"), str("FUNCTION_TARGET", FunctionName)
+	cfg.LocalOnly = os.Getenv("LOCAL_ONLY") == "true"
 	cfg.PrepareRetry = duration("SAFEPY_PREPARE_RETRY", 10*time.Second)
 	cfg.ShutdownGrace = 8 * time.Second // 0 is a setting here: no grace, running executions are killed at once
 	if v := os.Getenv("SAFEPY_SHUTDOWN_GRACE"); v != "" {

@@ -45,7 +45,11 @@ func run(cfg safepy.Config) error {
 	}
 	defer svc.Close()
 
-	ln, err := net.Listen("tcp", net.JoinHostPort("", cfg.Port))
+	host := "" // every interface: Cloud Run's front end reaches the container from outside
+	if cfg.LocalOnly {
+		host = "127.0.0.1" // `make run`: this machine only, not its network
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, cfg.Port))
 	if err != nil {
 		return err
 	}
@@ -73,7 +77,7 @@ func run(cfg safepy.Config) error {
 	defer cancel()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(conns.Listener(smallSendBuffers{ln})) }()
-	slog.Info("serving", "port", cfg.Port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
+	slog.Info("serving", "address", ln.Addr().String(), "port", cfg.Port, "function", safepy.FunctionName, "max_conns", cfg.MaxConns)
 
 	select {
 	case err := <-errc:

@@ -125,6 +125,10 @@ func TestLogs(t *testing.T) {
 	if w := s.Entries(slotsWarning); len(w) != 0 {
 		t.Errorf("the default slots (one per CPU) warned: %v", w)
 	}
+	// Cloud Run reaches the container from outside: by default the server listens on every interface.
+	if e := s.Entries("serving"); len(e) != 1 || strings.HasPrefix(fmt.Sprint(e[0]["address"]), "127.") {
+		t.Errorf("serving entry %v, want every interface", e)
+	}
 	execs := s.Entries("execution")
 	if len(execs) != 2 {
 		t.Fatalf("%d execution entries, want one per execution: %v", len(execs), execs)
@@ -225,6 +229,18 @@ func TestWarnsOfMoreSlotsThanCPUs(t *testing.T) {
 	w := s.Entries(slotsWarning)
 	if len(w) != 1 || w[0]["severity"] != "WARNING" || w[0]["slots"] != float64(slots) || w[0]["cpus"] != float64(runtime.NumCPU()) {
 		t.Fatalf("want one warning naming %d slots and %d CPUs: %v", slots, runtime.NumCPU(), w)
+	}
+}
+
+// LOCAL_ONLY=true (`make run`) keeps the server to this machine: it listens on 127.0.0.1, not on the machine's
+// network.
+func TestLocalOnlyListensOnLoopback(t *testing.T) {
+	s := start(t, nil, "LOCAL_ONLY=true", "SAFEPY_POOL_SIZE=0")
+	s.WaitHealthy(t)
+	s.Cmd.Process.Signal(syscall.SIGTERM)
+	s.Exit(t)
+	if e := s.Entries("serving"); len(e) != 1 || !strings.HasPrefix(fmt.Sprint(e[0]["address"]), "127.0.0.1:") {
+		t.Fatalf("serving entry %v, want 127.0.0.1 only", e)
 	}
 }
 
