@@ -49,22 +49,17 @@ func TestAllJailsTogetherAreCapped(t *testing.T) {
 	for _, forked := range []bool{true, false} {
 		t.Run(map[bool]string{true: "forked", false: "cold"}[forked], func(t *testing.T) {
 			start := func(cap int64) *Runner {
-				cfg := testConfig()
-				cfg.ForkServers, cfg.PoolSize, cfg.AllJailsMemory = forked, 0, cap
+				set := func(c *Config) { c.AllJailsMemory = cap }
 				if forked {
-					cfg.PoolSize = 1 // fork servers run only with pools; newForked-like: the pools are closed below
+					return newForked(t, 0, set) // its pools closed: every script forked on the spot
 				}
-				r, err := New(context.Background(), cfg)
+				cfg := testConfig()
+				set(&cfg)
+				r, err := New(context.Background(), cfg) // no pools, no fork servers: every script in a cold jail
 				if err != nil {
 					t.Fatal(err)
 				}
 				t.Cleanup(func() { r.Close() })
-				if forked && r.Info().Path != "forked" {
-					t.Fatalf("no fork servers: %s", r.Info().PathNote)
-				}
-				for _, p := range r.pools {
-					p.Close()
-				}
 				return r
 			}
 			// Uncapped, the script gets its 200 MiB, and shows what the runner holds at rest.
