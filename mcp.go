@@ -21,33 +21,6 @@ import (
 	"github.com/safe-py/safepy/sandbox"
 )
 
-// runOutput is the tool's structured content: the contract's answer less the files' contents (which come as image
-// and resource content), with error set when the script failed or the call was refused.
-type runOutput struct {
-	Result          json.RawMessage `json:"result,omitempty"`
-	Stdout          string          `json:"stdout"`
-	StdoutTruncated bool            `json:"stdout_truncated"`
-	Stderr          string          `json:"stderr"`
-	StderrTruncated bool            `json:"stderr_truncated"`
-	Files           []mcpFile       `json:"files"`
-	FilesTruncated  bool            `json:"files_truncated"`
-	FilesOmitted    []mcpFile       `json:"files_omitted"`
-	Error           *toolError      `json:"error,omitempty"`
-}
-
-type mcpFile struct {
-	Path string `json:"path"`
-	Size int64  `json:"size"`
-}
-
-type toolError struct {
-	Type              string `json:"type"`
-	Message           string `json:"message"`
-	Limit             string `json:"limit,omitempty"`
-	Traceback         string `json:"traceback,omitempty"`
-	RetryAfterSeconds int    `json:"retry_after_seconds,omitempty"`
-}
-
 // mcpCall is what the HTTP request behind a tool call gives the call: the request's context (its connection, for
 // connlimit, and its trace, for the log) and the holds on the budget that must last until the answer is written,
 // which is after the tool's handler returns.

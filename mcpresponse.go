@@ -22,6 +22,33 @@ import (
 	"github.com/safe-py/safepy/sandbox"
 )
 
+// runOutput is the tool's structured content: the contract's answer less the files' contents (which come as image
+// and resource content), with error set when the script failed or the call was refused.
+type runOutput struct {
+	Result          json.RawMessage `json:"result,omitempty"`
+	Stdout          string          `json:"stdout"`
+	StdoutTruncated bool            `json:"stdout_truncated"`
+	Stderr          string          `json:"stderr"`
+	StderrTruncated bool            `json:"stderr_truncated"`
+	Files           []mcpFile       `json:"files"`
+	FilesTruncated  bool            `json:"files_truncated"`
+	FilesOmitted    []mcpFile       `json:"files_omitted"`
+	Error           *toolError      `json:"error,omitempty"`
+}
+
+type mcpFile struct {
+	Path string `json:"path"`
+	Size int64  `json:"size"`
+}
+
+type toolError struct {
+	Type              string `json:"type"`
+	Message           string `json:"message"`
+	Limit             string `json:"limit,omitempty"`
+	Traceback         string `json:"traceback,omitempty"`
+	RetryAfterSeconds int    `json:"retry_after_seconds,omitempty"`
+}
+
 // mcpTextCap bounds each of stdout, stderr and main()'s result in the text for the model; the structured content
 // has them whole. A model reads a few pages, not a mebibyte, and the text is most of what an answer costs to encode.
 const mcpTextCap = 64 << 10
